@@ -1,0 +1,10 @@
+"""fastdiff: a compiled, high-performance sampler for diffusion models."""
+
+from fastdiff.parameterization import PREDICTIONS
+from fastdiff.sample import sample
+from fastdiff.samplers import SAMPLERS, Plan, build_plan
+from fastdiff.schedules import Schedule
+
+__version__ = "0.1.0"
+
+__all__ = ["PREDICTIONS", "SAMPLERS", "Plan", "Schedule", "build_plan", "sample"]

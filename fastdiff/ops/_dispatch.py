@@ -1,0 +1,156 @@
+"""Backend dispatch for fused ops (the xformers idea: backends declare what they support as
+data, a refused backend says why, and an error lists every backend with its reasons)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+_override = threading.local()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op and what it supports.
+
+    `devices` are device types ("cpu", "cuda"), or a function returning them when that depends on
+    the process (e.g. `triton_devices`, read at each call so that TRITON_INTERPRET set after
+    fastdiff was imported still counts); `dtypes` the tensor dtypes it accepts. `ready`
+    returns a reason when the backend cannot run at all on this machine (extension not built,
+    triton missing), else None. `check` gets the op's call arguments and returns extra reasons
+    (unsupported head dim, layout, ...)."""
+
+    name: str
+    fn: Callable
+    devices: tuple[str, ...] | Callable[[], tuple[str, ...]]
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    ready: Callable[[], str | None] = lambda: None
+    check: Callable[..., list[str]] | None = None
+
+
+@dataclass
+class Op:
+    """A fused op: a reference (the definition) plus backends in order of preference."""
+
+    name: str
+    reference: Callable
+    backends: list[Backend] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ref_dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+        self.backends.append(Backend("reference", self.reference, ("cpu", "cuda"), ref_dtypes))
+
+    def register(self, backend: Backend) -> Backend:
+        """Add a backend ahead of the reference (which always stays last)."""
+        self.backends.insert(len(self.backends) - 1, backend)
+        return backend
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.backends]
+
+    def get(self, name: str) -> Backend:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise ValueError(f"{self.name}: unknown backend {name!r}; valid backends: {self.names}")
+
+    def why_not(self, name: str, tensor: torch.Tensor, *args, **kwargs) -> list[str]:
+        """Reasons why backend `name` cannot run this call; empty when it can."""
+        b = self.get(name)
+        reason = b.ready()
+        if reason:
+            return [reason]
+        reasons = []
+        devices = b.devices() if callable(b.devices) else b.devices
+        if tensor.device.type not in devices:
+            reasons.append(f"device {tensor.device.type} not in {list(devices)}")
+        if tensor.dtype not in b.dtypes:
+            dts = [str(d).removeprefix("torch.") for d in b.dtypes]
+            reasons.append(f"dtype {str(tensor.dtype).removeprefix('torch.')} not in {dts}")
+        if not reasons and b.check is not None:
+            reasons += b.check(tensor, *args, **kwargs)
+        return reasons
+
+    def select(self, tensor: torch.Tensor, *args, backend: str | None = None, **kwargs) -> Backend:
+        """The backend for this call: the named one (or the `use()` override), which must accept
+        the call, else the first that does."""
+        wanted = backend or getattr(_override, "name", None)
+        if wanted is not None:
+            reasons = self.why_not(wanted, tensor, *args, **kwargs)
+            if reasons:
+                raise RuntimeError(
+                    f"{self.name}: backend {wanted!r} cannot run this call: {'; '.join(reasons)}. "
+                    f"Valid backends: {self.names} (pass backend=None to pick automatically)."
+                )
+            return self.get(wanted)
+        refused = []
+        for b in self.backends:
+            reasons = self.why_not(b.name, tensor, *args, **kwargs)
+            if not reasons:
+                return b
+            refused.append(f"  {b.name}: {'; '.join(reasons)}")
+        raise RuntimeError(f"{self.name}: no backend can run this call:\n" + "\n".join(refused))
+
+    def available(self, tensor: torch.Tensor, *args, **kwargs) -> list[str]:
+        """Names of the backends that accept this call, in order of preference."""
+        return [b.name for b in self.backends if not self.why_not(b.name, tensor, *args, **kwargs)]
+
+
+@contextlib.contextmanager
+def use(backend: str | None) -> Iterator[None]:
+    """Force every fused op inside the block onto `backend` (e.g. "reference"); an op whose
+    backend cannot run a call raises with the reasons instead of falling back."""
+    previous = getattr(_override, "name", None)
+    _override.name = backend
+    try:
+        yield
+    finally:
+        _override.name = previous
+
+
+def triton_ready() -> str | None:
+    """None when Triton kernels can run here: a CUDA device, or TRITON_INTERPRET=1 on CPU."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def triton_devices() -> tuple[str, ...]:
+    """Devices Triton kernels run on: CUDA compiled, and CPU tensors under TRITON_INTERPRET=1
+    (which must be set before the kernels are defined, i.e. before fastdiff is imported)."""
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def extension_ready(op: str, device_types: Sequence[str] = ("cpu",)) -> Callable[[], str | None]:
+    """A `ready` check for ops implemented in fastdiff._C. The answer is computed once (a failed
+    import of the extension is not retried on every call)."""
+    answer: list[str | None] = []
+
+    def ready() -> str | None:
+        if not answer:
+            from fastdiff import _ext
+            from fastdiff.ops import _library
+
+            if not _ext.available():
+                reason = (
+                    "the compiled extension fastdiff._C is not built "
+                    "(pip install -e . --no-build-isolation)"
+                )
+            elif not _library.has_op(op):
+                reason = f"fastdiff._C was built without the {op} op"
+            elif "cpu" not in device_types and not _ext.build_info()["cuda"]:
+                reason = "fastdiff._C was built without CUDA"
+            else:
+                reason = None
+            answer.append(reason)
+        return answer[0]
+
+    return ready

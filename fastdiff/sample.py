@@ -1,0 +1,242 @@
+"""fastdiff.sample(): the sampling loop, guidance, seeds and progress."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from fastdiff import noise as noise_spec
+from fastdiff.ops import step as step_ops
+from fastdiff.samplers import SAMPLERS, Col, Plan, build_plan
+from fastdiff.schedules import Schedule
+
+
+def sample(
+    model: Callable[..., Any],
+    shape: tuple[int, ...] | None = None,
+    *,
+    noise: torch.Tensor | None = None,
+    sampler: str = "dpmpp_2m",
+    steps: int = 20,
+    schedule: Schedule | None = None,
+    prediction: str = "eps",
+    spacing: str = "trailing",
+    eta: float | None = None,
+    seed: int = 0,
+    cond: Mapping[str, torch.Tensor] | None = None,
+    uncond: Mapping[str, torch.Tensor] | None = None,
+    guidance_scale: float | None = None,
+    backend: str | None = None,
+    progress: bool = False,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    clamp: tuple[float, float] | None = None,
+    sample_offset: int = 0,
+) -> torch.Tensor:
+    """Draw samples from a diffusion model.
+
+    `model(x, t, **cond)` returns the network's prediction (`prediction`: "eps", "x0" or "v")
+    for inputs x of shape `shape` and t, a float tensor of training timesteps of shape [B].
+    The initial noise is either `noise` (unit variance) or drawn from `seed`: sample n of the
+    batch uses global sample index `sample_offset + n`, so its image does not depend on the batch
+    it is drawn in. With `guidance_scale`, `cond` and `uncond` (keyword tensors for the model)
+    are batched into one call and mixed as y_u + w (y_c - y_u). `clamp=(lo, hi)` clamps the x0
+    prediction at every step. `callback(i, x, x0)` sees the state after each row.
+    Returns the final sample, shape `shape`, dtype `dtype` (default float32)."""
+    schedule = schedule if schedule is not None else Schedule.from_betas("linear")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
+    options = {} if eta is None else {"eta": eta}
+    if eta is not None and sampler not in ("ddim", "euler_a"):
+        raise ValueError(f"eta applies to the 'ddim' and 'euler_a' samplers, not {sampler!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {sorted(SAMPLERS)}")
+    plan = build_plan(sampler, schedule, steps, spacing=spacing, prediction=prediction, **options)
+    device = _device(model, noise, device)
+    dtype = dtype or (noise.dtype if noise is not None else torch.float32)
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
+    x = _initial(noise, shape, seed, sample_offset, device, dtype) * plan.init_scale
+    cond, uncond = _conditioning(cond, uncond, guidance_scale, x.shape[0], device)
+    return _run(
+        model,
+        plan,
+        x,
+        cond,
+        uncond,
+        guidance_scale,
+        seed,
+        sample_offset,
+        backend,
+        progress,
+        callback,
+        clamp,
+    )
+
+
+def _run(
+    model,
+    plan: Plan,
+    x,
+    cond,
+    uncond,
+    guidance_scale,
+    seed,
+    sample_offset,
+    backend,
+    progress,
+    callback,
+    clamp,
+) -> torch.Tensor:
+    device, B = x.device, x.shape[0]
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    tdt = cdt  # timesteps reach the model in float32 (float64 when sampling in float64)
+    table = plan.table.to(device, cdt)
+    counter = torch.zeros((), dtype=torch.int64, device=device)
+    history = [torch.zeros_like(x) for _ in range(plan.n_history)] + [None, None]
+    h0, h1 = history[0], history[1]
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    guided = guidance_scale is not None
+    model_cond = _batched(cond, uncond) if guided else cond
+    stochastic = plan.stochastic
+    rows = range(plan.rows)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc=plan.sampler, unit="step")
+    for i in rows:
+        t_row = torch.index_select(table[:, Col.T], 0, counter.reshape(1))
+        if guided:
+            y = _call(model, torch.cat([x, x]), t_row.expand(2 * B).to(tdt), model_cond, i)
+            y, y_u = y.chunk(2)
+        else:
+            y = _call(model, x, t_row.expand(B).to(tdt), model_cond, i)
+            y_u = None
+        if y.shape != x.shape:
+            raise ValueError(
+                f"model output has shape {tuple(y.shape)} but the sample has shape "
+                f"{tuple(x.shape)}; models with learned variance must return only the "
+                "prediction channels"
+            )
+        x0 = None
+        if callback is not None:
+            row = torch.index_select(table, 0, counter.reshape(1))[0]
+            yg = y if y_u is None else y_u + guidance_scale * (y - y_u)
+            x0 = row[Col.A] * x.to(cdt) + row[Col.B] * yg.to(cdt)
+        x = step_ops.step(
+            x,
+            y,
+            y_u,
+            h0,
+            h1,
+            table,
+            counter,
+            seed=seed,
+            sample_offset=sample_offset,
+            guidance=1.0 if guidance_scale is None else float(guidance_scale),
+            clamp=clamp,
+            stochastic=stochastic and plan.noisy_rows[i],
+            backend=backend,
+        )
+        bad = ~torch.isfinite(x).all()
+        first_bad = torch.where(bad & (first_bad < 0), counter, first_bad)
+        counter += 1
+        if callback is not None:
+            callback(i, x, x0)
+    if int(first_bad) >= 0:  # the one host sync, after the loop
+        raise FloatingPointError(
+            f"{plan.sampler}: non-finite values first appeared at step {int(first_bad)} of "
+            f"{plan.rows} (timestep {float(plan.timesteps[int(first_bad)]):g}); check the "
+            "model's output and dtype (fp16 overflow?) and the prediction type"
+        )
+    return x
+
+
+def _call(model, x, t, cond, i) -> torch.Tensor:
+    out = model(x, t, **cond)
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(getattr(out, "sample", None), torch.Tensor):  # diffusers' output classes
+        return out.sample
+    raise TypeError(
+        f"model returned {type(out).__name__} at step {i}; expected a tensor (or a tuple or an "
+        "object with .sample holding one)"
+    )
+
+
+def _device(model, noise, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if noise is not None:
+        return noise.device
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def _initial(noise, shape, seed, sample_offset, device, dtype) -> torch.Tensor:
+    if noise is None and shape is None:
+        raise ValueError("give either shape=(B, C, H, W) or noise=tensor of that shape")
+    if noise is not None:
+        if shape is not None and tuple(noise.shape) != tuple(shape):
+            raise ValueError(
+                f"noise has shape {tuple(noise.shape)} but shape={tuple(shape)}; pass one of them"
+            )
+        if noise.ndim < 2:
+            raise ValueError(f"noise must be batched (B, ...), got shape {tuple(noise.shape)}")
+        return noise.to(device, dtype)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or math.prod(shape) == 0:
+        raise ValueError(f"shape must be (B, ...) with no zero dimension, got {shape}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    z = noise_spec.randn_like_batch(seed, 0, shape, sample_offset=sample_offset, device=device)
+    return z.to(dtype)
+
+
+def _conditioning(cond, uncond, guidance_scale, B, device):
+    cond = dict(cond or {})
+    uncond = dict(uncond) if uncond is not None else None
+    if guidance_scale is None:
+        if uncond is not None:
+            raise ValueError("uncond is only used with guidance_scale; pass guidance_scale=w")
+        return _expand(cond, B, device, "cond"), None
+    if not cond or uncond is None:
+        raise ValueError(
+            "guidance_scale needs both cond and uncond (dicts of model keyword tensors), e.g. "
+            "cond={'context': emb}, uncond={'context': empty_emb}"
+        )
+    if set(cond) != set(uncond):
+        raise ValueError(
+            f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}"
+        )
+    return _expand(cond, B, device, "cond"), _expand(uncond, B, device, "uncond")
+
+
+def _expand(d: dict, B: int, device, name: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            if v.ndim == 0 or v.shape[0] not in (1, B):
+                raise ValueError(
+                    f"{name}[{k!r}] has shape {tuple(v.shape)}; its first dimension must be "
+                    f"the batch size {B} or 1"
+                )
+            v = v.to(device).expand(B, *v.shape[1:])
+        out[k] = v
+    return out
+
+
+def _batched(cond: dict, uncond: dict) -> dict:
+    return {
+        k: torch.cat([cond[k], uncond[k]]) if isinstance(cond[k], torch.Tensor) else cond[k]
+        for k in cond
+    }
