@@ -170,13 +170,25 @@ def _sigma_grid(
     return t.numpy(), np.append(s.numpy(), 0.0)
 
 
-def _discrete_grid(schedule: Schedule, steps: int, spacing: str) -> np.ndarray:
-    if spacing not in ("leading", "trailing", "linspace"):
-        raise ValueError(
-            f"this sampler steps between training timesteps: spacing must be 'leading', "
-            f"'trailing' or 'linspace', got {spacing!r}"
-        )
-    return spaced_timesteps(schedule.num_train_timesteps, steps, spacing).numpy().astype(np.int64)
+def _abar_steps(
+    schedule: Schedule, steps: int, spacing: str, *, ddim_prev: bool
+) -> list[tuple[float, float, float]]:
+    """(t, abar, abar_next) per step for the samplers that step between abar values.
+
+    On discrete spacings: like diffusers, DDIM steps from t to t - T // steps and lands on
+    abar[0] (set_alpha_to_one=False), DDPM steps to the next grid timestep and lands on 1.
+    On sigma grids (karras, exponential) both step to the next grid point and land on s = 0."""
+    abar = schedule.alphas_cumprod.numpy()
+    if spacing in ("karras", "exponential"):
+        t, s = _sigma_grid(schedule, steps, spacing)
+        ab = 1 / (1 + s * s)
+        return [(t[i], ab[i], ab[i + 1]) for i in range(steps)]
+    t = spaced_timesteps(schedule.num_train_timesteps, steps, spacing).numpy().astype(np.int64)
+    if ddim_prev:
+        prev = t - schedule.num_train_timesteps // steps
+        return [(ti, abar[ti], abar[pi] if pi >= 0 else abar[0]) for ti, pi in zip(t, prev)]
+    nxt = [abar[tn] for tn in t[1:]] + [1.0]
+    return [(ti, abar[ti], ab_p) for ti, ab_p in zip(t, nxt)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,37 +196,29 @@ def _discrete_grid(schedule: Schedule, steps: int, spacing: str) -> np.ndarray:
 
 
 def ddim(schedule: Schedule, steps: int, spacing: str, *, eta: float = 0.0) -> _Rows:
-    """DDIM (Song et al. 2021, eq. 12), any eta. Like diffusers, the step after t is
-    t - T // steps, and the last one lands on abar[0] (set_alpha_to_one=False)."""
-    abar = schedule.alphas_cumprod.numpy()
-    t = _discrete_grid(schedule, steps, spacing)
-    prev = t - schedule.num_train_timesteps // steps
+    """DDIM (Song et al. 2021, eq. 12), any eta."""
     out = _Rows()
-    for ti, pi in zip(t, prev):
-        ab, ab_p = abar[ti], abar[pi] if pi >= 0 else abar[0]
+    for t, ab, ab_p in _abar_steps(schedule, steps, spacing, ddim_prev=True):
         alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
         std = eta * math.sqrt((1 - ab_p) / (1 - ab) * (1 - ab / ab_p))
         c = math.sqrt(max(1 - ab_p - std * std, 0.0))  # weight of the predicted noise
         # x_prev = sqrt(abar_prev) x0 + c eps_hat + std z, eps_hat = (x - alpha x0) / sigma
-        out.add(ti, _ve(ab), {"x": c / sigma, "d": math.sqrt(ab_p) - c * alpha / sigma, "z": std})
+        out.add(t, _ve(ab), {"x": c / sigma, "d": math.sqrt(ab_p) - c * alpha / sigma, "z": std})
     return out
 
 
 def ddpm(schedule: Schedule, steps: int, spacing: str) -> _Rows:
     """DDPM ancestral sampling (Ho et al. 2020, eq. 7): the posterior q(x_prev | x_t, x0) with
-    the "fixed small" variance, over any subsequence of the training steps."""
-    abar = schedule.alphas_cumprod.numpy()
-    t = _discrete_grid(schedule, steps, spacing)
+    the "fixed small" variance, over any subsequence of the training steps; no noise is added
+    on the step that lands on t = 0 (abar = 1)."""
     out = _Rows()
-    for i, ti in enumerate(t):
-        ab = abar[ti]
-        ab_p = abar[t[i + 1]] if i + 1 < len(t) else 1.0
+    for t, ab, ab_p in _abar_steps(schedule, steps, spacing, ddim_prev=False):
         a_t = ab / ab_p
         b_t = 1 - a_t
         var = max((1 - ab_p) / (1 - ab) * b_t, 1e-20)
-        z = math.sqrt(var) if ti > 0 else 0.0
+        z = math.sqrt(var) if t > 0 and ab_p < 1 else 0.0
         mean = {"x": math.sqrt(a_t) * (1 - ab_p) / (1 - ab), "d": math.sqrt(ab_p) * b_t / (1 - ab)}
-        out.add(ti, _ve(ab), {**mean, "z": z})
+        out.add(t, _ve(ab), {**mean, "z": z})
     return out
 
 

@@ -1,0 +1,113 @@
+"""fastdiff.sample: seeds, batch invariance, guidance, and the errors a user can hit."""
+
+import pytest
+import torch
+
+import fastdiff
+
+SD = fastdiff.Schedule.stable_diffusion()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc"])
+def test_same_seed_same_sample_whatever_the_batch(sampler, toy_model):
+    kw = dict(sampler=sampler, steps=6, schedule=SD, seed=123)
+    batch = fastdiff.sample(toy_model, (4, 2, 3, 5), **kw)
+    again = fastdiff.sample(toy_model, (4, 2, 3, 5), **kw)
+    assert torch.equal(batch, again)  # bit for bit, run to run
+    alone = fastdiff.sample(toy_model, (1, 2, 3, 5), sample_offset=2, **kw)
+    assert torch.equal(batch[2:3], alone)
+    other_seed = fastdiff.sample(toy_model, (4, 2, 3, 5), **{**kw, "seed": 124})
+    assert (other_seed - batch).abs().max() > 0.1
+
+
+def test_guidance_is_one_batched_call(toy_model):
+    calls = []
+
+    def model(x, t, context):
+        calls.append(x.shape[0])
+        return toy_model(x, t) + context.view(-1, 1, 1, 1)
+
+    c, u = torch.full((3,), 0.5), torch.zeros(1)
+    out = fastdiff.sample(
+        model, (3, 1, 4, 4), sampler="ddim", steps=5, schedule=SD,
+        cond={"context": c}, uncond={"context": u}, guidance_scale=7.5,
+    )  # fmt: skip
+    assert calls == [6] * 5
+    # y_u + w (y_c - y_u) = toy + w * 0.5
+    guided = lambda x, t: toy_model(x, t) + 7.5 * 0.5
+    ref = fastdiff.sample(guided, (3, 1, 4, 4), sampler="ddim", steps=5, schedule=SD)
+    torch.testing.assert_close(out, ref)
+
+
+def test_diffusers_style_outputs_are_accepted(toy_model):
+    class Out:
+        def __init__(self, sample):
+            self.sample = sample
+
+    ref = fastdiff.sample(toy_model, (1, 1, 3, 3), steps=3, schedule=SD)
+    out = fastdiff.sample(lambda x, t: Out(toy_model(x, t)), (1, 1, 3, 3), steps=3, schedule=SD)
+    tup = fastdiff.sample(lambda x, t: (toy_model(x, t),), (1, 1, 3, 3), steps=3, schedule=SD)
+    assert torch.equal(out, ref) and torch.equal(tup, ref)
+
+
+def test_float64_and_float16_states(toy_model):
+    x64 = fastdiff.sample(toy_model, (2, 1, 4, 4), steps=4, schedule=SD, dtype=torch.float64)
+    x16 = fastdiff.sample(toy_model, (2, 1, 4, 4), steps=4, schedule=SD, dtype=torch.float16)
+    assert x64.dtype == torch.float64 and x16.dtype == torch.float16
+    assert (x16.double() - x64).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(sampler="plms"), ValueError, "unknown sampler 'plms'; valid samplers"),
+        (dict(steps=0), ValueError, "steps must be between 1 and num_train_timesteps=1000"),
+        (dict(steps=1001), ValueError, "steps must be between 1"),
+        (dict(steps=2.5), TypeError, "steps must be an int"),
+        (dict(spacing="uniform"), ValueError, "unknown spacing 'uniform'; valid spacings"),
+        (dict(prediction="score"), ValueError, "unknown prediction 'score'; valid"),
+        (dict(eta=0.5, sampler="euler"), ValueError, "eta applies to the 'ddim' and 'euler_a'"),
+        (dict(guidance_scale=3.0), ValueError, "guidance_scale needs both cond and uncond"),
+        (dict(uncond={"c": torch.zeros(1)}), ValueError, "uncond is only used with guidance"),
+        (dict(noise=torch.zeros(2, 1, 3, 3)), ValueError, "noise has shape"),
+        (dict(seed=-1), ValueError, "seed must be in"),
+        (dict(schedule="linear"), TypeError, "schedule must be a fastdiff.Schedule"),
+        (dict(backend="cuda"), ValueError, "unknown backend 'cuda'|backend 'cuda' cannot run"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, error, match, toy_model):
+    kwargs = {"schedule": SD, **kwargs}
+    with pytest.raises((error, RuntimeError), match=match):
+        fastdiff.sample(toy_model, (1, 1, 3, 3), **kwargs)
+
+
+def test_missing_shape_and_noise(toy_model):
+    with pytest.raises(ValueError, match="give either shape"):
+        fastdiff.sample(toy_model)
+
+
+def test_wrong_output_shape_is_reported(toy_model):
+    learned_var = lambda x, t: torch.cat([x, x], 1)
+    with pytest.raises(ValueError, match=r"model output has shape \(1, 2, 3, 3\)"):
+        fastdiff.sample(learned_var, (1, 1, 3, 3), steps=2, schedule=SD)
+
+
+def test_non_finite_values_name_the_step():
+    calls = [0]
+
+    def model(x, t):
+        calls[0] += 1
+        return x * (float("nan") if calls[0] == 3 else 0.5)
+
+    with pytest.raises(FloatingPointError, match="first appeared at step 2 of 5"):
+        fastdiff.sample(model, (1, 1, 3, 3), sampler="euler", steps=5, schedule=SD)
+
+
+def test_progress_bar_and_callback(toy_model, capsys):
+    seen = []
+    fastdiff.sample(
+        toy_model, (1, 1, 3, 3), sampler="heun", steps=3, schedule=SD, progress=True,
+        callback=lambda i, x, x0: seen.append((i, x.shape, x0.shape)),
+    )  # fmt: skip
+    assert [s[0] for s in seen] == list(range(5))  # heun: 2 * 3 - 1 model evaluations
+    assert "heun" in capsys.readouterr().err
