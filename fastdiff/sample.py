@@ -127,6 +127,7 @@ def _run(
             row = torch.index_select(table, 0, counter.reshape(1))[0]
             yg = y if y_u is None else y_u + guidance_scale * (y - y_u)
             x0 = row[Col.A] * x.to(cdt) + row[Col.B] * yg.to(cdt)
+            x0 = x0.clamp(*clamp) if clamp is not None else x0
         x = step_ops.step(
             x,
             y,
