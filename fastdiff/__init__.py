@@ -1,5 +1,6 @@
 """fastdiff: a compiled, high-performance sampler for diffusion models."""
 
+from fastdiff.models import UNet, UNetConfig
 from fastdiff.parameterization import PREDICTIONS
 from fastdiff.sample import sample
 from fastdiff.samplers import SAMPLERS, Plan, build_plan
@@ -7,4 +8,13 @@ from fastdiff.schedules import Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["PREDICTIONS", "SAMPLERS", "Plan", "Schedule", "build_plan", "sample"]
+__all__ = [
+    "PREDICTIONS",
+    "SAMPLERS",
+    "Plan",
+    "Schedule",
+    "UNet",
+    "UNetConfig",
+    "build_plan",
+    "sample",
+]

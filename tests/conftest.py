@@ -3,8 +3,12 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Triton kernels run compiled on a GPU, interpreted on a CPU-only machine; set before any kernel
+# is defined
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# one thread per worker when pytest-xdist runs several (oversubscribed OpenMP crawls)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture

@@ -1,0 +1,167 @@
+"""The fused sampler step in Triton (fastdiff/ops/step.py defines it; samplers.py its table):
+
+    y      = y_u + g (y - y_u)                                        (GUIDED)
+    d      = clamp(A x + B y)                                         (CLAMP)
+    x_next = X_X x + X_D d [+ X_H0 h0] [+ X_H1 h1] + X_Z z(seed, counter + 1, sample, e)
+    h_k    = Hk_X x + Hk_D d [+ Hk_H0 h0] [+ Hk_H1 h1]                 (stored where W_k != 0)
+
+The row is table[counter], loaded by the kernel (no host sync; CUDA-graph safe). One program
+handles BLOCK logical elements of one sample, as BLOCK // 4 Philox blocks: each block's four
+normals (tl.random.philox with the counter (e // 4, sample, step, 0), Box-Muller with libdevice's
+log/sin/cos and sqrt_rn, as fastdiff/noise.py specifies) land on its four consecutive logical
+elements, tile shape (BLOCK // 4, 4). channels_last states map logical e = c * HW + p to memory
+p * C + c. Traffic: the reference makes ~12 passes over the state; this kernel reads x, y
+(, y_u, h0, h1) and writes x_next (, h) once: 12 B/element for DDIM in fp32, 20 for
+DPM-Solver++(2M).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from fastdiff.samplers import NCOEF as _NCOEF
+from fastdiff.samplers import Col
+
+# libdevice has no interpreter implementation: under TRITON_INTERPRET=1 (CPU tensors) the math
+# comes from numpy instead, still float32 and within the noise tolerance.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+NCOEF = tl.constexpr(_NCOEF)
+A, B = tl.constexpr(int(Col.A)), tl.constexpr(int(Col.B))
+X_X, X_Z = tl.constexpr(int(Col.X_X)), tl.constexpr(int(Col.X_Z))
+H0_X, H1_X = tl.constexpr(int(Col.H0_X)), tl.constexpr(int(Col.H1_X))
+W0, W1 = tl.constexpr(int(Col.W0)), tl.constexpr(int(Col.W1))
+
+
+@triton.jit
+def _box_muller(wa, wb):
+    """Two fp32 normals from two uint32 words (fastdiff/noise.py)."""
+    ua = ((wa >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # exact: * 2**-23
+    ub = ((wb >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    theta = (ub - 0.5) * 6.2831854820251465  # float32(2 pi), one rounding
+    if _INTERPRETED:
+        r = tl.sqrt_rn(-2.0 * tl.log(ua))
+        c, s = tl.cos(theta), tl.sin(theta)
+    else:
+        r = libdevice.sqrt_rn(-2.0 * libdevice.log(ua))
+        c, s = libdevice.cos(theta), libdevice.sin(theta)
+    return r * c, r * s
+
+
+@triton.jit
+def _normals(seed, q, n, s):
+    """(len(q), 4) normals: row i holds the block q[i] of sample n at step s."""
+    c0 = q.to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    w0, w1, w2, w3 = tl.random.philox(seed, c0, zero + n.to(tl.uint32), zero + s.to(tl.uint32),
+                                      zero, 10)  # fmt: skip
+    z0, z1 = _box_muller(w0, w1)
+    z2, z3 = _box_muller(w2, w3)
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (q.shape[0], 4))
+
+
+@triton.jit
+def _coef(row_ptr, col: tl.constexpr):
+    return tl.load(row_ptr + col).to(tl.float32)
+
+
+@triton.jit
+def _combo(row_ptr, col: tl.constexpr, x, d, h0, h1, HAS_H0: tl.constexpr, HAS_H1: tl.constexpr):
+    """0 + c x + c d [+ c h0] [+ c h1] with the coefficients at columns col .. col + 3."""
+    v = 0.0 + _coef(row_ptr, col) * x + _coef(row_ptr, col + 1) * d
+    if HAS_H0:
+        v = v + _coef(row_ptr, col + 2) * h0
+    if HAS_H1:
+        v = v + _coef(row_ptr, col + 3) * h1
+    return v
+
+
+@triton.jit(do_not_specialize=["seed", "sample_offset"])
+def _step_kernel(
+    x_ptr, y_ptr, yu_ptr, h0_ptr, h1_ptr, out_ptr, table_ptr, counter_ptr,
+    seed, sample_offset, guidance, lo, hi, per_sample, positions, channels, blocks_per_sample,
+    GUIDED: tl.constexpr, HAS_H0: tl.constexpr, HAS_H1: tl.constexpr, CLAMP: tl.constexpr,
+    NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // blocks_per_sample
+    r = tl.load(counter_ptr)
+    row = table_ptr + r * NCOEF
+    q = (pid % blocks_per_sample).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    e = 4 * q[:, None] + tl.arange(0, 4)[None, :]  # (BLOCK // 4, 4) logical elements
+    mask = e < per_sample
+    if CHANNELS_LAST:
+        off = (e % positions) * channels + e // positions
+    else:
+        off = e
+    off += b.to(tl.int64) * per_sample
+
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        yu = tl.load(yu_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        y = yu + guidance * (y - yu)
+    d = _coef(row, A) * x + _coef(row, B) * y
+    if CLAMP:
+        d = tl.where(d < lo, lo, d)  # torch.clamp: NaN passes through
+        d = tl.where(d > hi, hi, d)
+    h0 = tl.load(h0_ptr + off, mask=mask, other=0.0).to(tl.float32) if HAS_H0 else x
+    h1 = tl.load(h1_ptr + off, mask=mask, other=0.0).to(tl.float32) if HAS_H1 else x
+
+    x_next = _combo(row, X_X, x, d, h0, h1, HAS_H0, HAS_H1)
+    if NOISE:
+        z = _normals(seed, q, sample_offset + b, r + 1)
+        x_next = x_next + _coef(row, X_Z) * z
+    tl.store(out_ptr + off, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_H0:
+        if _coef(row, W0) != 0:  # uniform: the whole grid reads the same row
+            new = _combo(row, H0_X, x, d, h0, h1, HAS_H0, HAS_H1)
+            tl.store(h0_ptr + off, new.to(h0_ptr.dtype.element_ty), mask=mask)
+    if HAS_H1:
+        if _coef(row, W1) != 0:
+            new = _combo(row, H1_X, x, d, h0, h1, HAS_H0, HAS_H1)
+            tl.store(h1_ptr + off, new.to(h1_ptr.dtype.element_ty), mask=mask)
+
+
+def step(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y_uncond: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    h1: torch.Tensor | None,
+    table: torch.Tensor,
+    counter: torch.Tensor,
+    *,
+    seed: int,
+    sample_offset: int,
+    guidance: float,
+    clamp: tuple[float, float] | None,
+    stochastic: bool,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Launch the kernel: x contiguous or channels_last; y, y_uncond, h0, h1 in x's layout,
+    table (rows, NCOEF) contiguous and counter (int64, 0-d) on x's device. Returns x_next."""
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    batch = x.shape[0]
+    if x.is_contiguous():
+        positions, channels, channels_last = x.numel() // batch, 1, False
+    else:
+        positions, channels, channels_last = x.shape[2] * x.shape[3], x.shape[1], True
+    per_sample = positions * channels
+    # interpreted, a program costs the same whatever its size: fewer, bigger ones
+    block = block or (4096 if _INTERPRETED else 1024)
+    blocks_per_sample = triton.cdiv(per_sample, block)
+    lo, hi = clamp if clamp is not None else (0.0, 0.0)
+    _step_kernel[(batch * blocks_per_sample,)](
+        x, y, x if y_uncond is None else y_uncond, x if h0 is None else h0,
+        x if h1 is None else h1, out, table, counter,
+        seed, sample_offset, float(guidance), float(lo), float(hi),
+        per_sample, positions, channels, blocks_per_sample,
+        GUIDED=y_uncond is not None, HAS_H0=h0 is not None, HAS_H1=h1 is not None,
+        CLAMP=clamp is not None, NOISE=stochastic, CHANNELS_LAST=channels_last, BLOCK=block,
+    )  # fmt: skip
+    return out

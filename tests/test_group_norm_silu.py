@@ -1,0 +1,150 @@
+"""fastdiff.ops.group_norm_silu: every backend against the fp64 reference under DESIGN.md's
+tolerance rule (NCHW and channels_last; residual and scale-shift conditioning; groups of 3 and
+10 channels that fill no warp evenly; groups larger than one tile), the reference against
+torch.nn.GroupNorm, dispatch, opcheck and the registered gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_within_tolerance
+
+from fastdiff.ops.group_norm_silu import (
+    GROUP_NORM_SILU,
+    group_norm_silu,
+    group_norm_silu_reference,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["cuda", "triton"] if DEVICE == "cuda" else ["triton", "cpu"]
+CONDITIONING = ["none", "scale_shift", "temb", "residual"]
+
+
+def require(backend):
+    reason = GROUP_NORM_SILU.get(backend).ready()
+    if reason:
+        pytest.skip(f"{backend}: {reason}")
+
+
+def inputs(shape, groups, dtype, conditioning, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, C = shape[:2]
+
+    def randn(*s, mean=0.0):
+        return (torch.randn(s, generator=g, dtype=torch.float64) + mean).to(DEVICE, dtype)
+
+    x = randn(*shape, mean=3.0)  # an offset mean: the variance must not cancel
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    cond = {}
+    if conditioning == "scale_shift":
+        cond["scale_shift"] = randn(B, 2 * C)
+    elif conditioning == "temb":
+        cond["residual"] = randn(B, C)
+    elif conditioning == "residual":
+        cond["residual"] = randn(*shape)
+    return (x, groups, randn(C, mean=1.0), randn(C)), cond
+
+
+def torch_group_norm_silu(x, groups, weight, bias, eps=1e-5, scale_shift=None, residual=None):
+    """What a PyTorch model computes, in x's precision."""
+    if residual is not None:
+        x = x + (residual[..., None, None] if residual.dim() == 2 else residual)
+    y = F.group_norm(x, groups, weight, bias, eps)
+    if scale_shift is not None:
+        scale, shift = scale_shift[..., None, None].chunk(2, dim=1)
+        y = y * (1 + scale) + shift
+    return F.silu(y)
+
+
+def check_backend(backend, args, cond):
+    require(backend)
+    out = group_norm_silu(*args, **cond, backend=backend)
+    x = args[0]
+    assert out.shape == x.shape and out.dtype == x.dtype and out.stride() == x.stride()
+    as64 = lambda t: t.double() if torch.is_tensor(t) else t
+    ref = group_norm_silu_reference(*map(as64, args), **{k: as64(v) for k, v in cond.items()})
+    assert_within_tolerance(out, ref, torch_group_norm_silu(*args, **cond))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("conditioning", CONDITIONING)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_matches_reference_fp16(backend, conditioning, channels_last):
+    check_backend(backend, *inputs((2, 96, 7, 9), 32, torch.float16, conditioning, channels_last))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("conditioning", ["scale_shift", "temb"])
+def test_matches_reference_dtypes(backend, dtype, conditioning):
+    check_backend(backend, *inputs((2, 80, 9, 13), 8, dtype, conditioning, channels_last=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_groups_larger_than_a_tile(backend, channels_last):
+    """80 channels per group and 1640 positions: the statistics pass merges many tiles."""
+    shape = (1, 160, 40, 41)
+    check_backend(backend, *inputs(shape, 2, torch.float16, "temb", channels_last))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_affine_and_3d(backend):
+    require(backend)
+    x = torch.randn(3, 12, 50, device=DEVICE)
+    expected = F.silu(F.group_norm(x, 4, eps=1e-6))
+    torch.testing.assert_close(group_norm_silu(x, 4, eps=1e-6, backend=backend), expected)
+
+
+def test_reference_is_groupnorm_then_silu():
+    args, _ = inputs((2, 64, 5, 6), 16, torch.float64, "none")
+    norm = torch.nn.GroupNorm(16, 64, eps=1e-5).double().to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(args[2])
+        norm.bias.copy_(args[3])
+    torch.testing.assert_close(group_norm_silu_reference(*args), F.silu(norm(args[0])))
+
+
+def test_dispatch_and_errors():
+    x = torch.randn(2, 64, 4, 4, dtype=torch.float64, device=DEVICE)
+    assert GROUP_NORM_SILU.available(x, 8, None, None, 1e-5, None, None) == ["reference"]
+    with pytest.raises(RuntimeError, match="dtype float64"):
+        group_norm_silu(x, 8, backend="triton")
+    with pytest.raises(ValueError, match="num_groups=6"):
+        group_norm_silu(x, 6)
+    with pytest.raises(ValueError, match=r"scale_shift must have shape \(2, 128\)"):
+        group_norm_silu(x, 8, scale_shift=torch.randn(2, 64, dtype=x.dtype))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        group_norm_silu(x, 8, residual=torch.randn(2, 64, 4, dtype=x.dtype))
+
+
+def test_opcheck():
+    args, cond = inputs((2, 32, 3, 5), 8, torch.float32, "scale_shift", channels_last=True)
+    x, groups, w, b = args
+    for t in (x, w, b, cond["scale_shift"]):
+        t.requires_grad_()
+    op = torch.ops.fastdiff.group_norm_silu.default
+    torch.library.opcheck(op, (x, groups, w, b, 1e-5, cond["scale_shift"], None, None))
+
+
+def test_opcheck_extension_op():
+    """The C++/CUDA kernel op itself (its Meta kernel is the fake impl)."""
+    require("cuda" if DEVICE == "cuda" else "cpu")
+    args, cond = inputs((2, 32, 3, 5), 8, torch.float16, "temb", channels_last=True)
+    x, groups, w, b = args
+    op = torch.ops.fastdiff.group_norm_silu_fwd.default
+    torch.library.opcheck(op, (x, groups, w.float(), b.float(), 1e-5, None, cond["residual"]))
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONING)
+def test_gradients(conditioning):
+    """The registered backward against autograd through torch's own ops, in fp64."""
+    args, cond = inputs((2, 12, 3, 5), 3, torch.float64, conditioning)
+    tensors = [args[0], args[2], args[3], *cond.values()]
+    for t in tensors:
+        t.requires_grad_()
+    grad = torch.randn_like(args[0])
+    ours = torch.autograd.grad(group_norm_silu(*args, **cond), tensors, grad)
+    expected = torch.autograd.grad(torch_group_norm_silu(*args, **cond), tensors, grad)
+    for a, e in zip(ours, expected):
+        torch.testing.assert_close(a, e)
