@@ -1,0 +1,176 @@
+"""end to end: fastdiff.sample vs a diffusers scheduler loop (eager, torch.compile), same weights"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from harness import Case, Contender, Context
+
+import fastdiff
+from sections._shared import (
+    DIFFUSERS_TWINS,
+    SCHEDULES,
+    dtype_name,
+    models,
+    scheduler,
+    shape_name,
+    unet_class,
+)
+from sections.unet import CONTEXT_LEN, call_diffusers, forward_flops
+
+NOTES = (
+    "One run = noise to images: `steps` network evaluations and sampler updates, initial noise "
+    "included. The diffusers loop is its pipelines' loop (scheduler.timesteps on the device, "
+    "scheduler.step after each UNet call); with guidance both run the cond/uncond pair as one "
+    "batch of 2. Presets without a diffusers twin (digits) run fastdiff's UNet inside the "
+    "diffusers loop: the ratio is then the sampler loop's alone.",
+    "fastdiff.sample is timed as a user calls it: with cuda_graph=True it captures the step "
+    "graph in every call, and that capture is part of its time.",
+    "% roofline = the UNet FLOPs of a run at the probed matmul peak of the dtype / time.",
+)
+GUIDANCE = 7.5
+# (preset, images, sampler, steps, guided, dtype) per device
+CASES = {
+    "cuda": [
+        ("ddpm-cifar10", 1, "ddim", 50, False, torch.float16),
+        ("ddpm-cifar10", 1, "dpmpp_2m", 20, False, torch.float16),
+        ("ddpm-cifar10", 256, "ddim", 50, False, torch.float16),
+        ("ddpm-cifar10", 256, "dpmpp_2m", 20, False, torch.float16),
+        ("sd-like", 1, "ddim", 50, True, torch.float16),  # the UNet runs at batch 2
+    ],
+    "cpu": [
+        ("digits", 64, "ddim", 50, False, torch.float32),
+        ("digits", 64, "dpmpp_2m", 20, False, torch.float32),
+        ("ddpm-cifar10", 4, "ddim", 10, False, torch.float32),
+        ("ddpm-cifar10", 4, "dpmpp_2m", 10, False, torch.float32),
+    ],
+    "cpu-quick": [
+        ("digits", 8, "ddim", 4, False, torch.float32),
+        ("digits", 8, "dpmpp_2m", 4, False, torch.float32),
+        ("ddpm-cifar10", 1, "ddim", 2, False, torch.float32),
+    ],
+}
+SCHEDULE = {"digits": "linear", "ddpm-cifar10": "linear", "sd-like": "sd"}
+
+
+def cases(ctx: Context) -> list[Case]:
+    unet_class()  # Skip the section while fastdiff.models is missing
+    graphs = "cuda_graph" in inspect.signature(fastdiff.sample).parameters
+    if ctx.cuda:
+        ctx.note(
+            "fastdiff.sample runs with cuda_graph=True (fastdiff-eager: cuda_graph=False)"
+            if graphs
+            else "fastdiff.sample has no cuda_graph option yet: eager loop (no CUDA graph)"
+        )
+    key = "cpu-quick" if ctx.quick and not ctx.cuda else ctx.device.type
+    return [_case(ctx, *c, graphs=graphs and ctx.cuda) for c in CASES[key]]
+
+
+def _case(ctx, preset, images, sampler, steps, guided, dtype, graphs) -> Case:
+    from fastdiff.models import PRESETS
+
+    cfg = PRESETS[preset]
+    shape = (images, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    batch = 2 * images if guided else images
+    cond = {}
+    if guided:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        emb = lambda: torch.randn(images, CONTEXT_LEN, cfg.context_dim, generator=g)
+        cond = {"cond": {"context": emb()}, "uncond": {"context": emb()}}
+    run = dict(
+        ctx=ctx, preset=preset, shape=shape, sampler=sampler, steps=steps, dtype=dtype, cond=cond
+    )
+    contenders = [Contender("diffusers", lambda: _diffusers_loop(**run), True, profile_steps=steps)]
+    if (ctx.cuda or not ctx.quick) and preset in DIFFUSERS_TWINS:
+        contenders.append(
+            Contender(
+                "diffusers+compile",
+                lambda: _diffusers_loop(**run, compiled=True),
+                True,
+                warmup=2,
+            )
+        )
+    contenders.append(
+        Contender("fastdiff", lambda: _fastdiff(**run, graphs=graphs), profile_steps=steps)
+    )
+    if graphs:  # what the CUDA graph buys
+        contenders.append(Contender("fastdiff-eager", lambda: _fastdiff(**run, graphs=False)))
+    name = f"{preset} {shape_name(shape)} {sampler}-{steps}{' cfg' if guided else ''}"
+    return Case(
+        f"{name} {dtype_name(dtype)}",
+        contenders,
+        params=dict(
+            preset=preset,
+            images=images,
+            unet_batch=batch,
+            sampler=sampler,
+            steps=steps,
+            guidance=GUIDANCE if guided else None,
+            dtype=str(dtype),
+            schedule=SCHEDULE[preset],
+        ),
+        unit="run",
+        flops=steps * forward_flops(preset, batch),
+        dtype=dtype,
+        items=images,
+    )
+
+
+def _on(ctx, cond, dtype) -> dict:
+    return {k: {n: t.to(ctx.device, dtype) for n, t in v.items()} for k, v in cond.items()}
+
+
+def _fastdiff(ctx, preset, shape, sampler, steps, dtype, cond, graphs):
+    model = models(preset, ctx.device, dtype)[0]
+    schedule = SCHEDULES[SCHEDULE[preset]][0]
+    extra = {"cuda_graph": True} if graphs else {}
+    if cond:
+        extra.update(_on(ctx, cond, dtype), guidance_scale=GUIDANCE)
+    return lambda: fastdiff.sample(
+        model,
+        shape,
+        sampler=sampler,
+        steps=steps,
+        schedule=schedule,
+        seed=0,
+        device=ctx.device,
+        dtype=dtype,
+        **extra,
+    )
+
+
+def _diffusers_loop(ctx, preset, shape, sampler, steps, dtype, cond, compiled=False):
+    """diffusers' pipeline loop around the twin (or fastdiff's UNet where there is none)."""
+    ours, twin = models(preset, ctx.device, dtype)
+    if twin is None:
+        net = lambda x, t, context=None: ours(x, t)
+    else:
+        net = lambda x, t, context=None: call_diffusers(twin, x, t, context)
+    if compiled:
+        torch._dynamo.reset()
+        net = torch.compile(net, mode="reduce-overhead" if ctx.cuda else None)
+    sched = scheduler(sampler, SCHEDULE[preset], ctx.device)
+    context = None
+    if cond:
+        on = _on(ctx, cond, dtype)
+        context = torch.cat([on["cond"]["context"], on["uncond"]["context"]])
+    gen = torch.Generator(device=ctx.device)
+
+    def run():
+        sched.set_timesteps(steps, device=ctx.device)
+        gen.manual_seed(0)
+        x = torch.randn(shape, generator=gen, device=ctx.device, dtype=dtype)
+        x = x * sched.init_noise_sigma
+        for t in sched.timesteps:
+            if compiled and ctx.cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+            if context is None:
+                y = net(x, t)
+            else:
+                y_c, y_u = net(torch.cat([x, x]), t, context).chunk(2)
+                y = y_u + GUIDANCE * (y_c - y_u)
+            x = sched.step(y, t, x).prev_sample
+        return x
+
+    return run

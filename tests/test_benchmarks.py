@@ -1,0 +1,91 @@
+"""benchmarks/run.py end to end on the CPU (quick mode, two sections): its JSON holds every field a
+result needs and every ratio is a finite positive number. No timing assertions: the figures
+themselves live in benchmarks/results/."""
+
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ["step", "group_norm"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--device", "cpu"]
+    proc = subprocess.run(
+        [*cmd, "--only", *SECTIONS, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"run.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1, f"expected one JSON file in {out}, got {files}"
+    return json.loads(files[0].read_text()), files[0], proc.stdout
+
+
+def test_names_the_device_versions_commit_and_date(run):
+    result, path, _ = run
+    device = result["device"]
+    assert device["type"] == "cpu" and device["name"] and device["slug"].startswith("cpu-")
+    assert path.name.startswith(device["slug"] + "-" + result["date"][:10])
+    assert device["copy_gbps"] > 0 and device["threads"] >= 1
+    assert all(v > 0 for v in device["matmul_tflops"].values())
+    assert {"float16", "float32"} <= set(device["matmul_tflops"])
+    versions = result["versions"]
+    assert versions["torch"] and versions["python"]
+    assert {"cuda", "triton", "diffusers", "fastdiff"} <= set(versions)
+    assert len(result["commit"]) == 40 and int(result["commit"], 16) >= 0
+    assert datetime.datetime.fromisoformat(result["date"]).tzinfo is not None
+    assert result["quick"] is True and result["wall_s"] > 0
+
+
+def test_every_case_has_raw_medians(run):
+    result, _, _ = run
+    assert list(result["sections"]) == SECTIONS
+    for name, section in result["sections"].items():
+        assert section["title"] and not section.get("skipped"), name
+        assert section["cases"], name
+        for case in section["cases"]:
+            timed = 0
+            for who, c in case["contenders"].items():
+                assert "error" not in c, (name, case["name"], who, c.get("error"))
+                if "skipped" in c:
+                    continue
+                timed += 1
+                samples = c["samples_s"]
+                assert samples and 0 < min(samples) <= c["median_s"] <= max(samples)
+                assert c["gbps"] > 0 and c["roofline_pct"] > 0  # both sections move bytes
+            assert timed >= 2, (name, case["name"])
+
+
+def test_every_ratio_is_finite_and_positive(run):
+    result, _, _ = run
+    for name, section in result["sections"].items():
+        for case in section["cases"]:
+            assert case["rows"], (name, case["name"], "no fastdiff-vs-baseline row")
+            for row in case["rows"]:
+                ratio = row["ratio"]
+                assert math.isfinite(ratio) and ratio > 0, (name, case["name"], row)
+                assert ratio == pytest.approx(row["baseline_s"] / row["fastdiff_s"])
+                assert case["contenders"][row["baseline"]]["baseline"]
+                assert not case["contenders"][row["fastdiff"]]["baseline"]
+
+
+def test_prints_a_table_and_plots_each_section(run):
+    _, path, stdout = run
+    for name in SECTIONS:
+        assert f"### {name}: " in stdout
+        assert path.with_name(f"{path.stem}-{name}.png").stat().st_size > 0
+    assert stdout.count("| case | baseline | fastdiff | ratio |") == len(SECTIONS)
