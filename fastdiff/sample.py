@@ -1,8 +1,9 @@
-"""fastdiff.sample(): the sampling loop, guidance, seeds and progress."""
+"""fastdiff.sample(): the sampling loop, guidance, seeds, CUDA-graph capture and progress."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ def sample(
     dtype: torch.dtype | None = None,
     clamp: tuple[float, float] | None = None,
     sample_offset: int = 0,
+    cuda_graph: bool | str = False,
 ) -> torch.Tensor:
     """Draw samples from a diffusion model.
 
@@ -46,6 +48,11 @@ def sample(
     it is drawn in. With `guidance_scale`, `cond` and `uncond` (keyword tensors for the model)
     are batched into one call and mixed as y_u + w (y_c - y_u). `clamp=(lo, hi)` clamps the x0
     prediction at every step. `callback(i, x, x0)` sees the state after each row.
+    `backend` picks the fused step's implementation ("cuda", "cpu", "triton", "reference"; None:
+    the fastest that can run). `cuda_graph=True` captures one whole step (model call, fused
+    update, step-counter increment) as a CUDA graph once and replays it for every row; "auto"
+    does so on CUDA when the capture succeeds (else warns and runs eagerly); the model then runs
+    as captured, so it must not depend on Python state that changes between steps.
     Returns the final sample, shape `shape`, dtype `dtype` (default float32)."""
     schedule = schedule if schedule is not None else Schedule.from_betas("linear")
     if not isinstance(schedule, Schedule):
@@ -57,6 +64,7 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {sorted(SAMPLERS)}")
     plan = build_plan(sampler, schedule, steps, spacing=spacing, prediction=prediction, **options)
     device = _device(model, noise, device)
+    graph = _want_graph(cuda_graph, device)
     dtype = dtype or (noise.dtype if noise is not None else torch.float32)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
@@ -75,7 +83,22 @@ def sample(
         progress,
         callback,
         clamp,
+        graph,
     )
+
+
+def _want_graph(cuda_graph: bool | str, device: torch.device) -> str | None:
+    """None (eager), "auto" or "required", from sample()'s cuda_graph argument."""
+    if cuda_graph not in (False, True, "auto"):
+        raise ValueError(f"cuda_graph must be False, True or 'auto', got {cuda_graph!r}")
+    if cuda_graph is True and device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph=True needs a CUDA device, but sampling runs on {device}; pass "
+            "cuda_graph=False (or 'auto', which captures only on CUDA)"
+        )
+    if cuda_graph is False or device.type != "cuda":
+        return None
+    return "required" if cuda_graph is True else "auto"
 
 
 def _run(
@@ -91,6 +114,7 @@ def _run(
     progress,
     callback,
     clamp,
+    graph=None,
 ) -> torch.Tensor:
     device, B = x.device, x.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -102,13 +126,16 @@ def _run(
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     guided = guidance_scale is not None
     model_cond = _batched(cond, uncond) if guided else cond
-    stochastic = plan.stochastic
+    noisy = plan.noisy_rows  # from the host table: no device sync
     rows = range(plan.rows)
     if progress:
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, desc=plan.sampler, unit="step")
-    for i in rows:
+
+    def one_step(x, i: int, stochastic: bool):
+        """Row `counter` on x: model call, fused update, finiteness flag, counter + 1. Reads no
+        device value on the host, so it can be captured as a CUDA graph."""
         t_row = torch.index_select(table[:, Col.T], 0, counter.reshape(1))
         if guided:
             y = _call(model, torch.cat([x, x]), t_row.expand(2 * B).to(tdt), model_cond, i)
@@ -128,7 +155,7 @@ def _run(
             yg = y if y_u is None else y_u + guidance_scale * (y - y_u)
             x0 = row[Col.A] * x.to(cdt) + row[Col.B] * yg.to(cdt)
             x0 = x0.clamp(*clamp) if clamp is not None else x0
-        x = step_ops.step(
+        x_next = step_ops.step(
             x,
             y,
             y_u,
@@ -140,14 +167,29 @@ def _run(
             sample_offset=sample_offset,
             guidance=1.0 if guidance_scale is None else float(guidance_scale),
             clamp=clamp,
-            stochastic=stochastic and plan.noisy_rows[i],
+            stochastic=stochastic,
             backend=backend,
         )
-        bad = ~torch.isfinite(x).all()
-        first_bad = torch.where(bad & (first_bad < 0), counter, first_bad)
-        counter += 1
-        if callback is not None:
-            callback(i, x, x0)
+        bad = ~torch.isfinite(x_next).all()
+        first_bad.copy_(torch.where(bad & (first_bad < 0), counter, first_bad))
+        counter.add_(1)
+        return x_next, x0
+
+    captured = None
+    if graph is not None:
+        state = [t for t in (counter, first_bad, h0, h1) if t is not None]
+        captured = _capture(one_step, x, any(noisy), state, graph == "required")
+    if captured is not None:
+        cuda_graph, x, x0 = captured  # static buffers, rewritten by every replay
+        for i in rows:
+            cuda_graph.replay()
+            if callback is not None:
+                callback(i, x.clone(), None if x0 is None else x0.clone())
+    else:
+        for i in rows:
+            x, x0 = one_step(x, i, noisy[i])
+            if callback is not None:
+                callback(i, x, x0)
     if int(first_bad) >= 0:  # the one host sync, after the loop
         raise FloatingPointError(
             f"{plan.sampler}: non-finite values first appeared at step {int(first_bad)} of "
@@ -155,6 +197,49 @@ def _run(
             "model's output and dtype (fp16 overflow?) and the prediction type"
         )
     return x
+
+
+def _capture(one_step, x, stochastic: bool, state: list[torch.Tensor], required: bool):
+    """Capture one_step on a static copy of x as a CUDA graph. Returns (graph, x, x0): each
+    replay advances the state by one row, writing the new state into x (and the row's x0 into
+    x0, when one_step computes it); or None when the capture failed and `required` is False (the
+    state is then as it was)."""
+    static_x = x.clone()
+    saved = [t.clone() for t in state]
+
+    def restore():
+        for t, v in zip(state, saved):
+            t.copy_(v)
+
+    # Warm-up on a side stream (lazy initialisation, Triton compilation, allocator), undone after.
+    side = torch.cuda.Stream(device=x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        one_step(static_x, 0, stochastic)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    restore()
+    cuda_graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(cuda_graph):
+            out, x0 = one_step(static_x, 0, stochastic)
+            static_x.copy_(out)
+    except Exception as e:  # any failure to capture: a sync, a CPU op, an uncapturable kernel
+        if required:
+            raise RuntimeError(
+                f"cuda_graph=True: capturing the sampling step failed ({e}); the model must be "
+                "capturable (no host syncs or CPU work). Use cuda_graph='auto' to fall back to "
+                "eager sampling"
+            ) from e
+        warnings.warn(
+            f"cuda_graph='auto': capturing the sampling step failed ({e}); sampling eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        torch.cuda.synchronize(x.device)
+        restore()
+        return None
+
+    return cuda_graph, static_x, x0
 
 
 def _call(model, x, t, cond, i) -> torch.Tensor:

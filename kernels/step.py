@@ -163,5 +163,6 @@ def step(
         per_sample, positions, channels, blocks_per_sample,
         GUIDED=y_uncond is not None, HAS_H0=h0 is not None, HAS_H1=h1 is not None,
         CLAMP=clamp is not None, NOISE=stochastic, CHANNELS_LAST=channels_last, BLOCK=block,
+        enable_fp_fusion=False,  # no FMA contraction: the reference's roundings, as in csrc/
     )  # fmt: skip
     return out

@@ -10,15 +10,24 @@ Every backend computes, elementwise and in fp32 (fp64 for fp64 tensors):
 The row is table[counter], read on the device: the loop never syncs with the host.
 Memory traffic of the reference: each term is a separate kernel, ~12 reads and writes of the
 state per step; the fused backends read x, y (, y_u, h0, h1) once and write x_next (, h) once.
+
+Backends, in order of preference for each device: `cuda` (csrc/step_cuda.cu) and `cpu`
+(csrc/step.cpp), both torch.ops.fastdiff.step; `triton` (kernels/step.py: compiled on CUDA,
+interpreted on CPU under TRITON_INTERPRET=1, so after `cpu`); the reference. The fused backends
+take fp32/fp16/bf16 states, contiguous or channels_last, with y, y_uncond, h0, h1 of x's shape and
+dtype; a y or y_uncond in another layout is copied into x's, while h0/h1 (updated in place) must
+share x's layout and overlap nothing else, else the call goes to the next backend.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from fastdiff import noise
-from fastdiff.ops._dispatch import Op
-from fastdiff.samplers import Col
+from fastdiff.ops._dispatch import Backend, Op, extension_ready, triton_devices, triton_ready
+from fastdiff.samplers import NCOEF, Col
 
 
 def step_reference(
@@ -76,9 +85,185 @@ def step_reference(
     return x_next.to(x.dtype)
 
 
+def _layout(t: torch.Tensor) -> str | None:
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return None
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _fused_check(x, y, y_uncond, h0, h1, table, counter, **options) -> list[str]:
+    """Why the fused kernels (cuda, triton, cpu) cannot take this call; [] when they can."""
+    reasons = []
+    if x.dim() < 1:
+        reasons.append("x must be batched (B, ...)")
+    layout = _layout(x)
+    if layout is None:
+        reasons.append(
+            f"x is neither contiguous nor channels_last (strides {x.stride()}); pass x.contiguous()"
+        )
+    operands = {"y": y, "y_uncond": y_uncond, "h0": h0, "h1": h1}
+    for name, t in operands.items():
+        if t is None:
+            continue
+        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+            reasons.append(
+                f"{name} is {t.dtype} {tuple(t.shape)} on {t.device}, x is {x.dtype} "
+                f"{tuple(x.shape)} on {x.device}: the fused kernels read one shape and dtype"
+            )
+    for name, h in (("h0", h0), ("h1", h1)):
+        if h is None:
+            continue
+        if h.stride() != x.stride():
+            reasons.append(
+                f"{name} (updated in place) has strides {h.stride()} but x has {x.stride()}; "
+                "allocate the history like x (torch.zeros_like(x))"
+            )
+        others = [t for k, t in operands.items() if t is not None and k != name] + [x]
+        if any(_shares_memory(h, t) for t in others):
+            reasons.append(f"{name} shares memory with another operand")
+    if table.dim() != 2 or table.shape[1] != NCOEF or table.dtype not in _TABLE_DTYPES:
+        reasons.append(
+            f"table must be float32/float64 of shape (rows, {NCOEF}), got {table.dtype} "
+            f"{tuple(table.shape)}"
+        )
+    if counter.dtype != torch.int64:
+        reasons.append(f"counter must be int64, got {counter.dtype}")
+    for name, t in (("table", table), ("counter", counter)):
+        if t.device != x.device:
+            reasons.append(f"{name} is on {t.device} but x is on {x.device}")
+    return reasons
+
+
+_TABLE_DTYPES = (torch.float32, torch.float64)
+
+
+def _like_x(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """t in x's memory layout (a copy only when it differs)."""
+    if t is None or t.stride() == x.stride():
+        return t
+    fmt = torch.channels_last if _layout(x) == "channels_last" else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def _extension_step(
+    x, y, y_uncond, h0, h1, table, counter, *, seed, sample_offset, guidance, clamp, stochastic
+):
+    return torch.ops.fastdiff.step(
+        x,
+        _like_x(y, x),
+        _like_x(y_uncond, x),
+        h0,
+        h1,
+        table.contiguous(),
+        counter.reshape(()),
+        seed - 2**64 if seed >= 2**63 else seed,  # the schema's int is int64
+        sample_offset,
+        guidance,
+        None if clamp is None else list(clamp),
+        stochastic,
+    )
+
+
+def _triton_step(
+    x, y, y_uncond, h0, h1, table, counter, *, seed, sample_offset, guidance, clamp, stochastic
+):
+    from fastdiff.kernels.step import step as triton_step
+
+    return triton_step(
+        x,
+        _like_x(y, x),
+        _like_x(y_uncond, x),
+        h0,
+        h1,
+        table.contiguous(),
+        counter.reshape(()),
+        seed=seed,
+        sample_offset=sample_offset,
+        guidance=guidance,
+        clamp=clamp,
+        stochastic=stochastic,
+    )
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 step_op = Op("step", step_reference)
+# cpu before triton: on CPU tensors triton only runs interpreted (TRITON_INTERPRET=1), far slower
+for _backend in (
+    Backend(
+        "cuda",
+        _extension_step,
+        ("cuda",),
+        _FUSED_DTYPES,
+        ready=extension_ready("step", ("cuda",)),
+        check=_fused_check,
+    ),
+    Backend(
+        "cpu",
+        _extension_step,
+        ("cpu",),
+        _FUSED_DTYPES,
+        ready=extension_ready("step", ("cpu",)),
+        check=_fused_check,
+    ),
+    Backend("triton", _triton_step, triton_devices, _FUSED_DTYPES, triton_ready, _fused_check),
+):
+    step_op.register(_backend)
 
 
-def step(*args, backend: str | None = None, **kwargs) -> torch.Tensor:
-    """Apply one plan row with the first backend that can (see step_reference for arguments)."""
-    return step_op.select(args[0], backend=backend).fn(*args, **kwargs)
+def _options(x, counter, seed, sample_offset, guidance, clamp, stochastic) -> dict:
+    """The scalar arguments, validated (errors a user can hit, whatever the backend)."""
+    seed = operator.index(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}; reduce it mod 2**64")
+    sample_offset = operator.index(sample_offset)
+    batch = x.shape[0] if x.dim() else 0
+    if not 0 <= sample_offset <= 2**32 - batch:
+        raise ValueError(
+            f"sample indices {sample_offset}..{sample_offset + batch - 1} must lie in [0, 2**32)"
+        )
+    if not isinstance(counter, torch.Tensor) or counter.numel() != 1:
+        raise ValueError(
+            f"counter must be a one-element int64 tensor on x's device holding the row index, "
+            f"got {counter!r}"
+        )
+    if clamp is not None:
+        if len(clamp) != 2:
+            raise ValueError(f"clamp must be (lo, hi), got {clamp!r}")
+        clamp = (float(clamp[0]), float(clamp[1]))
+    return {
+        "seed": seed,
+        "sample_offset": sample_offset,
+        "guidance": float(guidance),
+        "clamp": clamp,
+        "stochastic": bool(stochastic),
+    }
+
+
+def step(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y_uncond: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    h1: torch.Tensor | None,
+    table: torch.Tensor,
+    counter: torch.Tensor,
+    *,
+    seed: int = 0,
+    sample_offset: int = 0,
+    guidance: float = 1.0,
+    clamp: tuple[float, float] | None = None,
+    stochastic: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Apply one plan row with the first backend that can (see step_reference for arguments);
+    `backend` ("cuda", "cpu", "triton", "reference") forces one."""
+    args = (x, y, y_uncond, h0, h1, table, counter)
+    options = _options(x, counter, seed, sample_offset, guidance, clamp, stochastic)
+    return step_op.select(*args, backend=backend, **options).fn(*args, **options)

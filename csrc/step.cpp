@@ -1,0 +1,327 @@
+// fastdiff::step on the CPU (OpenMP), and the input checks the CUDA kernel shares.
+//
+// Work is split into tiles of one sample's positions [p0, p1) (all channels): a contiguous
+// range of memory. Per tile, the noise is drawn into a buffer in memory order (for channels_last
+// each channel's run of logical elements c * P + [p0, p1) is drawn, then interleaved), then one
+// branch-free loop reads x, y (, y_u, h0, h1) and the noise and writes x_next (, h).
+// Traffic per element: (2 + guided + histories) reads and (1 + written histories) writes of the
+// state's dtype; the noise costs one Philox4x32-10 and one Box-Muller pair per 4 elements.
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "philox.h"
+#include "step.h"
+
+namespace fastdiff {
+namespace step {
+
+namespace {
+
+const char* layout_name(const at::Tensor& t) {
+  if (t.is_contiguous()) return "contiguous";
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return "channels_last";
+  return nullptr;
+}
+
+void check_like(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "fastdiff::step: ", name, " must have x's shape ",
+              x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastdiff::step: ", name,
+              " must have x's dtype (", x.scalar_type(), "), got ", t.scalar_type(),
+              "; convert it with .to(x.dtype)");
+  TORCH_CHECK(t.device() == x.device(), "fastdiff::step: ", name, " must be on x's device (",
+              x.device(), "), got ", t.device());
+  TORCH_CHECK(t.strides() == x.strides(), "fastdiff::step: ", name,
+              " must have x's memory layout (", layout_name(x), ", strides ", x.strides(),
+              "), got strides ", t.strides(),
+              "; convert it with .contiguous(memory_format=...) to match x");
+}
+
+}  // namespace
+
+Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
+                          const std::optional<at::Tensor>& y_uncond,
+                          const std::optional<at::Tensor>& h0,
+                          const std::optional<at::Tensor>& h1, const at::Tensor& table,
+                          const at::Tensor& counter, int64_t sample_offset, double guidance,
+                          std::optional<at::ArrayRef<double>> clamp, bool stochastic) {
+  TORCH_CHECK(is_supported_float(x.scalar_type()),
+              "fastdiff::step: x must be a float32, float16 or bfloat16 tensor, got ",
+              x.scalar_type(), " (float64 runs on the reference backend)");
+  TORCH_CHECK(x.dim() >= 1, "fastdiff::step: x must be batched (B, ...), got a 0-d tensor");
+  const char* layout = layout_name(x);
+  TORCH_CHECK(layout != nullptr,
+              "fastdiff::step: x must be contiguous or channels_last, got strides ", x.strides(),
+              " for shape ", x.sizes(), "; call .contiguous() first");
+  check_like("y", y, x);
+  if (y_uncond) check_like("y_uncond", *y_uncond, x);
+  for (const auto& [name, h] : {std::pair{"h0", &h0}, std::pair{"h1", &h1}}) {
+    if (!*h) continue;
+    check_like(name, **h, x);
+    // the kernels write h while reading the other operands through restrict pointers
+    for (const at::Tensor* other : {&x, &y}) at::assert_no_overlap(**h, *other);
+    if (y_uncond) at::assert_no_overlap(**h, *y_uncond);
+  }
+  if (h0 && h1) at::assert_no_overlap(*h0, *h1);
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == kNumCoef && table.size(0) > 0,
+              "fastdiff::step: table must be a plan's coefficient table of shape (rows, ",
+              int(kNumCoef), "), got shape ", table.sizes());
+  TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble,
+              "fastdiff::step: table must be float32 or float64, got ", table.scalar_type());
+  TORCH_CHECK(table.is_contiguous(), "fastdiff::step: table must be contiguous");
+  TORCH_CHECK(table.device() == x.device(), "fastdiff::step: table must be on x's device (",
+              x.device(), "), got ", table.device(), "; move it once with table.to(device)");
+  TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1,
+              "fastdiff::step: counter must be an int64 tensor holding one row index, got ",
+              counter.scalar_type(), " of shape ", counter.sizes());
+  TORCH_CHECK(counter.device() == x.device(), "fastdiff::step: counter must be on x's device (",
+              x.device(), "), got ", counter.device());
+
+  Problem p;
+  p.batch = x.size(0);
+  if (x.is_contiguous()) {
+    p.positions = p.batch ? x.numel() / p.batch : 0;
+  } else {
+    p.channels = x.size(1);
+    p.positions = x.size(2) * x.size(3);
+  }
+  TORCH_CHECK(sample_offset >= 0 && sample_offset + p.batch <= (int64_t(1) << 32),
+              "fastdiff::step: sample indices ", sample_offset, "..",
+              sample_offset + p.batch - 1, " must lie in [0, 2**32)");
+  TORCH_CHECK(!stochastic || p.per_sample() <= (int64_t(1) << 34),
+              "fastdiff::step: a sample has ", p.per_sample(),
+              " elements; the noise counter allows at most 2**34");
+  p.guided = y_uncond.has_value();
+  p.has_h0 = h0.has_value();
+  p.has_h1 = h1.has_value();
+  p.noise = stochastic;
+  p.guidance = static_cast<float>(guidance);
+  p.lo = -std::numeric_limits<float>::infinity();
+  p.hi = std::numeric_limits<float>::infinity();
+  if (clamp) {
+    TORCH_CHECK(clamp->size() == 2, "fastdiff::step: clamp must be [lo, hi], got ",
+                clamp->size(), " values");
+    p.lo = static_cast<float>((*clamp)[0]);
+    p.hi = static_cast<float>((*clamp)[1]);
+  }
+  return p;
+}
+
+namespace {
+
+// The hot loops are cloned per ISA (AVX-512, AVX2, baseline x86-64), picked when the library
+// loads: one binary runs on any x86-64 CPU and still uses the widest vectors it has.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTDIFF_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTDIFF_CLONES
+#endif
+
+// Normals of the Philox blocks block0 .. block0 + nblk - 1 into out[0 .. 4 nblk), kChunk blocks
+// at a time, each stage a loop over contiguous arrays that vectorises across blocks: the Philox
+// words; r = sqrt(-2 log u) of (w0, w2); sin and cos of theta of (w1, w3); then z interleaved.
+FASTDIFF_CLONES
+void fill_normals(float* out, uint32_t block0, int64_t nblk, uint32_t n, uint32_t s,
+                  uint64_t seed) {
+  constexpr int kChunk = 64;
+  alignas(64) uint32_t w[4][kChunk];
+  alignas(64) float r[2][kChunk], sn[2][kChunk], cs[2][kChunk];
+  for (int64_t j0 = 0; j0 < nblk; j0 += kChunk) {
+#pragma omp simd
+    for (int j = 0; j < kChunk; ++j) {  // past nblk: words of later blocks, never stored
+      const philox::Words v =
+          philox::block_words(seed, block0 + static_cast<uint32_t>(j0 + j), n, s);
+      w[0][j] = v.w0;
+      w[1][j] = v.w1;
+      w[2][j] = v.w2;
+      w[3][j] = v.w3;
+    }
+#pragma omp simd
+    for (int j = 0; j < kChunk; ++j) {
+      r[0][j] = std::sqrt(-2.0f * philox::log_unit(philox::unit(w[0][j])));
+      r[1][j] = std::sqrt(-2.0f * philox::log_unit(philox::unit(w[2][j])));
+    }
+#pragma omp simd
+    for (int j = 0; j < kChunk; ++j) {
+      philox::sincos_angle(philox::angle(w[1][j]), sn[0][j], cs[0][j]);
+      philox::sincos_angle(philox::angle(w[3][j]), sn[1][j], cs[1][j]);
+    }
+    float* o = out + 4 * j0;
+    const int64_t m = std::min<int64_t>(kChunk, nblk - j0);
+    for (int64_t j = 0; j < m; ++j) {
+      o[4 * j] = r[0][j] * cs[0][j];
+      o[4 * j + 1] = r[0][j] * sn[0][j];
+      o[4 * j + 2] = r[1][j] * cs[1][j];
+      o[4 * j + 3] = r[1][j] * sn[1][j];
+    }
+  }
+}
+
+struct Tile {
+  int64_t b, p0, p1;
+};
+
+// The noise of a tile in memory order: z[(p - p0) * C + c] = z(e = c * P + p).
+void tile_noise(const Problem& pr, const Tile& t, uint64_t seed, uint32_t s, int64_t offset,
+                float* z, float* run) {
+  const auto n = static_cast<uint32_t>(offset + t.b);
+  const int64_t P = pr.positions, C = pr.channels, len = t.p1 - t.p0;
+  if (C == 1) {  // tiles start at multiples of 4: draw straight into z
+    fill_normals(z, static_cast<uint32_t>(t.p0 / 4), (len + 3) / 4, n, s, seed);
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t e0 = c * P + t.p0, block0 = e0 / 4;
+    fill_normals(run, static_cast<uint32_t>(block0), (e0 + len + 3) / 4 - block0, n, s, seed);
+    const float* src = run + (e0 - 4 * block0);
+    for (int64_t k = 0; k < len; ++k) z[k * C + c] = src[k];
+  }
+}
+
+template <typename T>
+struct Pointers {
+  const T* x;
+  const T* y;
+  const T* yu;
+  T* h0;
+  T* h1;
+  T* out;
+};
+
+// The update over memory [i0, i0 + n). kS0/kS1: history slot absent (0), read (1), read and
+// written (2). Everything that varies between calls is a template parameter, so the loop is
+// branch-free.
+template <typename T, bool kGuided, int kS0, int kS1>
+FASTDIFF_CLONES void update_span(const Pointers<T>& p, const Row& r, int64_t i0, int64_t n,
+                                 const float* z) {
+  const T* __restrict__ x = p.x + i0;
+  const T* __restrict__ y = p.y + i0;
+  const T* __restrict__ yu = kGuided ? p.yu + i0 : nullptr;
+  T* __restrict__ h0 = kS0 ? p.h0 + i0 : nullptr;
+  T* __restrict__ h1 = kS1 ? p.h1 + i0 : nullptr;
+  T* __restrict__ out = p.out + i0;
+  for (int64_t k = 0; k < n; ++k) {
+    const float h0v = kS0 ? static_cast<float>(h0[k]) : 0.0f;
+    const float h1v = kS1 ? static_cast<float>(h1[k]) : 0.0f;
+    const float yuv = kGuided ? static_cast<float>(yu[k]) : 0.0f;
+    float nh0, nh1;
+    const float xn = update(r, static_cast<float>(x[k]), static_cast<float>(y[k]), yuv, h0v, h1v,
+                            z[k], nh0, nh1, kGuided, kS0 > 0, kS1 > 0);
+    out[k] = static_cast<T>(xn);
+    if (kS0 == 2) h0[k] = static_cast<T>(nh0);
+    if (kS1 == 2) h1[k] = static_cast<T>(nh1);
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool v, F&& f) {
+  if (v) {
+    f(std::integral_constant<bool, true>{});
+  } else {
+    f(std::integral_constant<bool, false>{});
+  }
+}
+
+template <typename F>
+void dispatch_slot(bool present, bool written, F&& f) {
+  if (!present) {
+    f(std::integral_constant<int, 0>{});
+  } else if (!written) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    f(std::integral_constant<int, 2>{});
+  }
+}
+
+// All tiles of the call, split statically over the OpenMP threads; each thread has its own
+// noise buffers.
+template <typename T, bool kGuided, int kS0, int kS1>
+void run_tiles(const Pointers<T>& p, const Problem& pr, const Row& r, bool noise, uint64_t seed,
+               uint32_t s, int64_t sample_offset) {
+  const int64_t P = pr.positions, C = pr.channels;
+  // ~4096 elements per tile (16 KiB of fp32 noise: stays in L1/L2), at least 16 positions.
+  const int64_t tp = std::max<int64_t>(16, (4096 / C + 3) / 4 * 4);
+  const int64_t tiles_per_sample = (P + tp - 1) / tp, tiles = pr.batch * tiles_per_sample;
+  // as at::parallel_for: no threads for small states, none inside another parallel region
+  const bool big = pr.batch * pr.per_sample() >= (1 << 15);
+  const int threads = big && !at::in_parallel_region() ? at::get_num_threads() : 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<float> z(tp * C + 4, 0.0f), run(noise && C > 1 ? tp + 8 : 0);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t j = i % tiles_per_sample;
+      const Tile t{i / tiles_per_sample, j * tp, std::min(P, (j + 1) * tp)};
+      if (noise) tile_noise(pr, t, seed, s, sample_offset, z.data(), run.data());
+      update_span<T, kGuided, kS0, kS1>(p, r, (t.b * P + t.p0) * C, (t.p1 - t.p0) * C, z.data());
+    }
+  }
+}
+
+template <typename T>
+const T* ptr(const std::optional<at::Tensor>& t) {
+  return t ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_ptr(const std::optional<at::Tensor>& t) {
+  return t ? t->mutable_data_ptr<T>() : nullptr;
+}
+
+at::Tensor step_cpu(const at::Tensor& x, const at::Tensor& y,
+                    const std::optional<at::Tensor>& y_uncond, const std::optional<at::Tensor>& h0,
+                    const std::optional<at::Tensor>& h1, const at::Tensor& table,
+                    const at::Tensor& counter, int64_t seed, int64_t sample_offset,
+                    double guidance, std::optional<at::ArrayRef<double>> clamp, bool stochastic) {
+  Problem pr = check_step_inputs(x, y, y_uncond, h0, h1, table, counter, sample_offset, guidance,
+                                 clamp, stochastic);
+  TORCH_CHECK(x.device().is_cpu(), "fastdiff::step: the CPU kernel got a tensor on ", x.device());
+  const int64_t row_index = *counter.const_data_ptr<int64_t>();
+  TORCH_CHECK(row_index >= 0 && row_index < table.size(0), "fastdiff::step: counter is ",
+              row_index, " but the table has ", table.size(0), " rows");
+  const Row r = table.scalar_type() == at::kDouble
+                    ? load_row(table.const_data_ptr<double>() + row_index * kNumCoef,
+                               pr.guidance, pr.lo, pr.hi)
+                    : load_row(table.const_data_ptr<float>() + row_index * kNumCoef,
+                               pr.guidance, pr.lo, pr.hi);
+  Row rz = r;
+  const bool noise = pr.noise && r.z != 0.0f;
+  if (!noise) rz.z = 0.0f;  // adds 0 * 0: x_next keeps its value (a -0 may become +0)
+  const auto s = static_cast<uint32_t>(row_index + 1);
+
+  at::Tensor out = at::empty_like(x);  // same strides: x is dense
+  if (x.numel() == 0) return out;
+  FASTDIFF_DISPATCH_FLOAT(x.scalar_type(), "fastdiff::step", [&] {
+    const Pointers<scalar_t> p{x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                               ptr<scalar_t>(y_uncond),      mutable_ptr<scalar_t>(h0),
+                               mutable_ptr<scalar_t>(h1),    out.mutable_data_ptr<scalar_t>()};
+    dispatch_bool(pr.guided, [&](auto guided) {
+      dispatch_slot(pr.has_h0, r.w[0], [&](auto s0) {
+        dispatch_slot(pr.has_h1, r.w[1], [&](auto s1) {
+          run_tiles<scalar_t, decltype(guided)::value, decltype(s0)::value, decltype(s1)::value>(
+              p, pr, rz, noise, static_cast<uint64_t>(seed), s, sample_offset);
+        });
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("step", &step_cpu); }
+
+}  // namespace step
+}  // namespace fastdiff

@@ -1,0 +1,498 @@
+"""The fused sampler step (fastdiff.ops.step) on every backend available here against
+step_reference: every sampler's every row, fp32/fp16/bf16, odd sizes, NCHW and channels_last,
+guidance and clamp (DESIGN.md's tolerance rule against the fp64 reference); the in-kernel noise
+against fastdiff/noise.py; whole sampling trajectories; dispatch, opcheck and input errors."""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import noise
+from fastdiff.ops import step as step_ops
+from fastdiff.ops.step import step, step_op, step_reference
+from fastdiff.samplers import NCOEF, SAMPLERS, Col, build_plan
+from fastdiff.schedules import Schedule
+
+FUSED = ["cuda", "cpu", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NOISE_ATOL = 1e-6  # noise.py: fp32 noise of two correct backends agrees to 1e-6
+# (shape, channels_last, guided, clamp): the odd sizes of DESIGN.md
+CASES = {
+    "1x1823": ((1, 1823), False, False, None),
+    "3x5x7x11": ((3, 5, 7, 11), False, True, (-1.5, 1.0)),
+    "3x5x7x11-cl": ((3, 5, 7, 11), True, True, None),
+    "2x3x5x3-cl-clamp": ((2, 3, 5, 3), True, False, (-0.5, 0.5)),
+}
+
+
+def device_for(backend: str) -> str:
+    if backend == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        if backend == "cuda":
+            pytest.skip("cuda backend: no CUDA device here")
+        return "cpu"  # triton, interpreted (tests/conftest.py sets TRITON_INTERPRET=1)
+    return "cuda"
+
+
+def require(backend: str, device: str) -> None:
+    reason = step_op.get(backend).ready()
+    if reason:
+        pytest.skip(f"{backend}: {reason}")
+
+
+def randn(shape, dtype, device, g, channels_last=False):
+    t = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def plan_table(sampler: str, steps: int = 4) -> torch.Tensor:
+    options = {"eta": 1.0} if sampler == "ddim" else {}
+    return build_plan(sampler, Schedule.from_betas("linear"), steps, **options).table
+
+
+def assert_step_close(fast, ref64, ref_same, noise_coef: float):
+    """DESIGN.md: max |fast - fp64 ref| <= 2 max |PyTorch in fast's dtype - fp64 ref| + floor;
+    the floor: one ulp at the largest magnitude, plus the noise tolerance times X_Z (both fp64
+    and same-precision references draw the reference's fp32 noise, fast draws its own)."""
+    ref64 = ref64.double()
+    err = (fast.double() - ref64).abs().max().item()
+    err_ref = (ref_same.double() - ref64).abs().max().item()
+    floor = torch.finfo(fast.dtype).eps * max(1.0, ref64.abs().max().item())
+    floor += NOISE_ATOL * abs(noise_coef)
+    assert err <= 2 * err_ref + floor, f"error {err:.3g} > 2 x {err_ref:.3g} + {floor:.3g}"
+
+
+def check_row(backend, table, row, dtype, device, shape, channels_last, guided, clamp):
+    g = torch.Generator().manual_seed(1000 * row + 7)
+    n_hist = 2  # random h0 and h1 in every call, so every coefficient matters
+    x, y, yu, h0, h1 = (randn(shape, dtype, device, g, channels_last) for _ in range(5))
+    yu = yu if guided else None
+    table = table.to(device)
+    counter = torch.tensor(row, device=device)
+    options = dict(
+        seed=2**64 - 1 - row, sample_offset=3, guidance=2.5 if guided else 1.0, clamp=clamp
+    )
+
+    def run(fn, dt, **kw):
+        cast = lambda t: None if t is None else t.to(dt)
+        hs = [cast(h0).clone(), cast(h1).clone()][:n_hist]
+        out = fn(cast(x), cast(y), cast(yu), *hs, table, counter, **options, **kw)
+        return out, hs
+
+    out, hs = run(step, dtype, backend=backend)
+    assert out.dtype == dtype and out.shape == x.shape and out.stride() == x.stride()
+    ref64, hs64 = run(step_reference, torch.float64)
+    ref, hs_ref = run(step_reference, dtype)
+    coef = float(table[row, Col.X_Z])
+    assert_step_close(out, ref64, ref, coef)
+    for h, h64, h_ref in zip(hs, hs64, hs_ref):
+        assert_step_close(h, h64, h_ref, 0.0)
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("backend", FUSED)
+def test_every_row_matches_reference(backend, sampler, dtype):
+    device = device_for(backend)
+    require(backend, device)
+    table = plan_table(sampler)
+    cases = list(CASES.values())
+    for row in range(table.shape[0]):
+        # interpreted Triton is slow: there each row takes one case in turn
+        for case in cases if device != "cpu" or backend != "triton" else [cases[row % len(cases)]]:
+            check_row(backend, table, row, dtype, device, *case)
+
+
+def test_cpu_equals_reference_bitwise_without_noise():
+    """csrc/step.h keeps the reference's operation order without FMA contraction: without
+    noise the cpu kernel's fp32 result is the reference's, bit for bit."""
+    require("cpu", "cpu")
+    table = plan_table("unipc")
+    for row in range(table.shape[0]):
+        g = torch.Generator().manual_seed(row)
+        x, y, yu, h0, h1 = (randn((3, 5, 7, 11), torch.float32, "cpu", g) for _ in range(5))
+        counter = torch.tensor(row)
+        outs = []
+        for backend in ("cpu", "reference"):
+            hs = [h0.clone(), h1.clone()]
+            out = step(
+                x,
+                y,
+                yu,
+                *hs,
+                table,
+                counter,
+                guidance=3.0,
+                stochastic=False,
+                clamp=(-1.0, 1.0),
+                backend=backend,
+            )
+            outs.append((out, *hs))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+
+
+def unit_noise_table(rows: int, dtype=torch.float64) -> torch.Tensor:
+    """Rows whose update is x_next = z (every coefficient 0 but X_Z = 1)."""
+    table = torch.zeros(rows, NCOEF, dtype=dtype)
+    table[:, Col.X_Z] = 1.0
+    return table
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize(
+    "shape, channels_last, seed, offset, counter",
+    [
+        ((1, 1823), False, 0, 0, 0),
+        ((3, 5, 7, 11), False, 2**64 - 1, 2**32 - 3, 2**16 + 3),  # top seed and sample
+        ((3, 5, 7, 11), True, 2**63 + 12345, 17, 5),
+        ((2, 6, 4, 3), True, 1, 0, 9),
+    ],
+)
+def test_noise_matches_spec(backend, shape, channels_last, seed, offset, counter):
+    device = device_for(backend)
+    require(backend, device)
+    x = torch.zeros(shape, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    table = unit_noise_table(counter + 1).to(device)
+    c = torch.tensor(counter, device=device)
+    z = step(x, x, None, None, None, table, c, seed=seed, sample_offset=offset, backend=backend)
+    ref = noise.randn_like_batch(seed, counter + 1, shape, sample_offset=offset, device=device)
+    torch.testing.assert_close(z, ref, atol=NOISE_ATOL, rtol=2.5e-7)
+    assert z.stride() == x.stride()
+
+
+def test_cpu_noise_in_bulk():
+    """A million normals of the cpu kernel (its own vectorised logf/sincosf) against the
+    reference, and their moments."""
+    require("cpu", "cpu")
+    shape = (4, 4, 256, 256)
+    x = torch.zeros(shape)
+    table = unit_noise_table(8)
+    z = step(x, x, None, None, None, table, torch.tensor(7), seed=123, backend="cpu")
+    ref = noise.randn_like_batch(123, 8, shape)
+    torch.testing.assert_close(z, ref, atol=NOISE_ATOL, rtol=2.5e-7)
+    assert abs(float(z.mean())) < 5e-3 and abs(float(z.var()) - 1) < 5e-3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_noise_is_batch_invariant(backend):
+    """Sample n's noise does not depend on the batch it is drawn in."""
+    device = device_for(backend)
+    require(backend, device)
+    table = unit_noise_table(4).to(device)
+    counter = torch.tensor(2, device=device)
+    big = torch.zeros(5, 3, 4, 5, device=device)
+    z = step(big, big, None, None, None, table, counter, seed=9, backend=backend)
+    for start in (0, 2, 4):
+        part = big[start : start + 1]
+        zp = step(
+            part,
+            part,
+            None,
+            None,
+            None,
+            table,
+            counter,
+            seed=9,
+            sample_offset=start,
+            backend=backend,
+        )
+        assert torch.equal(zp, z[start : start + 1])
+
+
+def toy(x, t, **cond):
+    tt = (t.to(x.dtype) / 1000).view(-1, *[1] * (x.ndim - 1))
+    out = 0.6 * x * torch.cos(tt) + 0.3 * torch.sin(3 * x + tt) + 0.1 * tt
+    return out + 0.05 * cond["c"] if "c" in cond else out
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_trajectory_matches_reference(backend, sampler):
+    device = device_for(backend)
+    require(backend, device)
+    kwargs = dict(sampler=sampler, steps=4, seed=5, device=device)
+    fast = fastdiff.sample(toy, (2, 3, 5, 7), backend=backend, **kwargs)
+    ref = fastdiff.sample(toy, (2, 3, 5, 7), backend="reference", **kwargs)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_guided_channels_last_trajectory(backend):
+    device = device_for(backend)
+    require(backend, device)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, 3, 4, 6, generator=g).to(device)
+    x_T = x_T.contiguous(memory_format=torch.channels_last)
+    c = torch.randn(2, 3, 4, 6, generator=g).to(device)
+    kwargs = dict(
+        noise=x_T,
+        sampler="dpmpp_2m_sde",
+        steps=5,
+        seed=3,
+        guidance_scale=4.0,
+        cond={"c": c},
+        uncond={"c": -c},
+        clamp=(-2.0, 2.0),
+    )
+    fast = fastdiff.sample(toy, backend=backend, **kwargs)
+    ref = fastdiff.sample(toy, backend="reference", **kwargs)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_default_backend_on_cpu_is_cpu():
+    """On CPU tensors `cpu` is preferred to interpreted Triton; fp64 goes to the reference."""
+    require("cpu", "cpu")
+    x = torch.zeros(2, 4)
+    table, counter = plan_table("ddim"), torch.tensor(0)
+    args = (x, x, None, None, None, table, counter)
+    assert step_op.select(*args).name == "cpu"
+    assert step_op.select(x.double(), *args[1:]).name == "reference"
+    assert step_op.select(torch.zeros(2, 4, 6, 5)[..., ::2], *args[1:]).name != "cpu"
+
+
+def test_opcheck():
+    require("cpu", "cpu")
+    g = torch.Generator().manual_seed(0)
+    table = plan_table("unipc").float()
+    counter = torch.tensor(1)
+    for dtype, channels_last, guided, clamp in [
+        (torch.float32, False, False, None),
+        (torch.float16, True, True, [-1.0, 1.0]),
+    ]:
+        x, y, yu, h0, h1 = (randn((2, 3, 4, 5), dtype, "cpu", g, channels_last) for _ in range(5))
+        args = (
+            x,
+            y,
+            yu if guided else None,
+            h0,
+            h1,
+            table,
+            counter,
+            2**63 - 1,
+            7,
+            2.0,
+            clamp,
+            True,
+        )
+        torch.library.opcheck(torch.ops.fastdiff.step.default, args)
+    args = (x, y, None, None, None, table.double(), counter, -5, 0, 1.0, None, False)
+    torch.library.opcheck(torch.ops.fastdiff.step.default, args)
+
+
+def test_layout_conversions_never_give_a_wrong_answer():
+    """y in another layout is copied; h0 in another layout refuses the fused kernels (it is
+    written in place), so the default falls back to the reference with the same result."""
+    require("cpu", "cpu")
+    g = torch.Generator().manual_seed(1)
+    table, counter = plan_table("dpmpp_2m"), torch.tensor(2)
+    x = randn((2, 3, 4, 5), torch.float32, "cpu", g, channels_last=True)
+    y = randn((2, 3, 4, 5), torch.float32, "cpu", g)  # contiguous, x is channels_last
+    h0 = randn((2, 3, 4, 5), torch.float32, "cpu", g)
+    expected_h0 = h0.clone()
+    ref = step_reference(x, y, None, expected_h0, None, table, counter, seed=1)
+    for backend in ("cpu", None):
+        h = h0.contiguous(memory_format=torch.channels_last)
+        out = step(x, y, None, h, None, table, counter, seed=1, backend=backend)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(h, expected_h0, atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match=r"h0 \(updated in place\) has strides"):
+        step(x, y, None, h0.clone(), None, table, counter, backend="cpu")
+    h = h0.clone()
+    out = step(x, y, None, h, None, table, counter, seed=1)  # reference: layouts differ
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h, expected_h0, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=2**64), ValueError, "seed"),
+        (dict(sample_offset=2**32 - 1), ValueError, "sample indices"),
+        (dict(clamp=(1.0,)), ValueError, "clamp"),
+        (dict(counter=torch.zeros(2, dtype=torch.int64)), ValueError, "counter"),
+        (dict(x=torch.zeros(2, 4, 6)[..., ::2]), RuntimeError, "neither contiguous"),
+        (dict(y=torch.zeros(2, 4, 3, dtype=torch.float16)), RuntimeError, "one shape and dtype"),
+        (dict(x=torch.zeros(2, 4, 3, dtype=torch.float64)), RuntimeError, "dtype float64"),
+        (dict(table=torch.zeros(3, 5)), RuntimeError, "table must be"),
+        (dict(counter=torch.tensor(0, dtype=torch.int32)), RuntimeError, "counter must be int64"),
+    ],
+)
+def test_bad_inputs(kwargs, error, match):
+    require("cpu", "cpu")
+    args = dict(
+        x=torch.zeros(2, 4, 3),
+        y=torch.zeros(2, 4, 3),
+        y_uncond=None,
+        h0=None,
+        h1=None,
+        table=plan_table("ddim"),
+        counter=torch.tensor(0),
+    )
+    args.update((k, v) for k, v in kwargs.items() if k in args)
+    options = {k: v for k, v in kwargs.items() if k not in args}
+    if "y" in kwargs:  # x's dtype is fine, y's is not
+        args["y"] = kwargs["y"]
+    with pytest.raises(error, match=match):
+        step(*args.values(), backend="cpu", **options)
+
+
+def test_extension_op_errors():
+    """The op itself checks what the Python wrapper does not (called directly, e.g. by a
+    compiled graph)."""
+    require("cpu", "cpu")
+    op = torch.ops.fastdiff.step
+    x, table = torch.zeros(2, 4, 3), plan_table("ddim")
+    call = lambda **kw: op(
+        *{
+            **dict(
+                x=x,
+                y=x,
+                yu=None,
+                h0=None,
+                h1=None,
+                table=table,
+                counter=torch.tensor(0),
+                seed=0,
+                offset=0,
+                g=1.0,
+                clamp=None,
+                stochastic=True,
+            ),
+            **kw,
+        }.values()
+    )
+    with pytest.raises(RuntimeError, match="counter is 9 but the table has 4 rows"):
+        call(counter=torch.tensor(9))
+    with pytest.raises(RuntimeError, match="table must be a plan's coefficient table"):
+        call(table=torch.zeros(4, 3))
+    with pytest.raises(RuntimeError, match="y must have x's shape"):
+        call(y=torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match="h0 must have x's memory layout"):
+        call(h0=torch.zeros(2, 3, 4).transpose(1, 2))
+    with pytest.raises(RuntimeError, match="clamp must be"):
+        call(clamp=[1.0])
+    with pytest.raises(RuntimeError, match="sample indices"):
+        call(offset=2**32 - 1)
+    h = torch.zeros(2, 4, 3)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        call(h0=h, h1=h)
+
+
+def test_cuda_graph_argument_errors():
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        fastdiff.sample(toy, (1, 2, 3), steps=2, cuda_graph=True, device="cpu")
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        fastdiff.sample(toy, (1, 2, 3), steps=2, cuda_graph="always")
+    # "auto" on CPU samples eagerly, as False does
+    a = fastdiff.sample(toy, (1, 2, 3), steps=2, cuda_graph="auto")
+    torch.testing.assert_close(a, fastdiff.sample(toy, (1, 2, 3), steps=2), atol=0, rtol=0)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("sampler", ["ddim", "heun", "unipc", "dpmpp_3m_sde"])
+def test_cuda_graph_equals_eager(backend, sampler):
+    """One captured step replayed for every row gives the eager trajectory: the row (and so
+    which history slots are written, Heun's stages, UniPC's corrector) comes from the counter."""
+    require(backend, "cuda")
+    options = {"eta": 1.0} if sampler == "ddim" else {}
+    kwargs = dict(sampler=sampler, steps=6, seed=11, device="cuda", backend=backend, **options)
+    kwargs.update(
+        guidance_scale=3.0,
+        cond={"c": torch.ones(1, 4, 8, 8, device="cuda")},
+        uncond={"c": torch.zeros(1, 4, 8, 8, device="cuda")},
+    )
+    seen = []
+    graphed = fastdiff.sample(
+        toy,
+        (2, 4, 8, 8),
+        cuda_graph=True,
+        callback=lambda i, x, x0: seen.append((i, x, x0)),
+        **kwargs,
+    )
+    eager = fastdiff.sample(toy, (2, 4, 8, 8), cuda_graph=False, **kwargs)
+    torch.testing.assert_close(graphed, eager, atol=1e-6, rtol=1e-6)
+    assert [i for i, _, _ in seen] == list(range(len(seen))) and seen[-1][1].equal(graphed)
+
+
+@needs_cuda
+def test_cuda_graph_auto_falls_back_for_uncapturable_models():
+    def syncing(x, t):
+        return x * float(t[0]) / 1000  # .item(): a host sync, not capturable
+
+    with pytest.warns(RuntimeWarning, match="sampling eagerly"):
+        auto = fastdiff.sample(syncing, (1, 4, 8, 8), steps=3, device="cuda", cuda_graph="auto")
+    eager = fastdiff.sample(syncing, (1, 4, 8, 8), steps=3, device="cuda")
+    torch.testing.assert_close(auto, eager, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="capturing the sampling step failed"):
+        fastdiff.sample(syncing, (1, 4, 8, 8), steps=3, device="cuda", cuda_graph=True)
+
+
+@needs_cuda
+def test_cuda_and_cpu_draw_the_same_sample():
+    require("cuda", "cuda")
+    require("cpu", "cpu")
+    kwargs = dict(sampler="euler_a", steps=8, seed=2**64 - 5, sample_offset=4)
+    gpu = fastdiff.sample(toy, (2, 4, 16, 16), device="cuda", **kwargs)
+    cpu = fastdiff.sample(toy, (2, 4, 16, 16), device="cpu", **kwargs)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+COMPILE_FOR_SM90 = """
+import json
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from fastdiff.kernels import step as ks
+
+types = {"seed": "u64", "guidance": "fp32", "lo": "fp32", "hi": "fp32", "table_ptr": "*fp32",
+         "counter_ptr": "*i64", "blocks_per_sample": "i32"}
+out = {}
+for noise in (True, False):
+    flags = dict(GUIDED=True, HAS_H0=True, HAS_H1=True, CLAMP=True, NOISE=noise,
+                 CHANNELS_LAST=not noise, BLOCK=1024)
+    names = ks._step_kernel.arg_names
+    sig = {n: "constexpr" if n in flags else types.get(n, "*fp16" if n.endswith("_ptr") else "i64")
+           for n in names}
+    src = ASTSource(fn=ks._step_kernel, signature=sig, constexprs=flags)
+    kernel = compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    out[str(noise)] = kernel.asm["ptx"]
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernel_compiles_for_sm90():
+    """No GPU here, but Triton compiles for one: the compiled (not interpreted) kernel must build,
+    take log/sin/cos from libdevice (no .approx instructions) with a correctly rounded sqrt, and
+    contract nothing into an FMA outside them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True
+    )
+    if run.returncode and "ptxas" in run.stderr:
+        pytest.skip(f"triton cannot compile for sm_90 here: {run.stderr.splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr
+    ptx = json.loads(run.stdout.splitlines()[-1])
+    assert not any(op in ptx["True"] for op in ("lg2.approx", "sin.approx", "cos.approx"))
+    assert "sqrt.rn." in ptx["True"] and "sqrt.approx" not in ptx["True"]
+    assert "fma" not in ptx["False"]
+
+
+def test_backends_are_registered_in_dispatch_order():
+    assert step_op.names == ["cuda", "cpu", "triton", "reference"]
+    assert step_ops.step_op is step_op
