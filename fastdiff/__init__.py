@@ -1,5 +1,6 @@
 """fastdiff: a compiled, high-performance sampler for diffusion models."""
 
+from fastdiff.checkpoints import Checkpoint, load
 from fastdiff.models import UNet, UNetConfig
 from fastdiff.parameterization import PREDICTIONS
 from fastdiff.sample import sample
@@ -11,10 +12,12 @@ __version__ = "0.1.0"
 __all__ = [
     "PREDICTIONS",
     "SAMPLERS",
+    "Checkpoint",
     "Plan",
     "Schedule",
     "UNet",
     "UNetConfig",
     "build_plan",
+    "load",
     "sample",
 ]
