@@ -31,12 +31,15 @@ DEFAULT_SAMPLERS = list(fastdiff.SAMPLERS)
 
 
 def draw(ckpt, sampler, steps, n, seed, *, backend=None, batch_size=256, cache=None):
-    """n clamped samples, from the cache when there."""
+    """n clamped samples, from the cache when there. `sampler` is a name, or NAME@SPACING for a
+    spacing other than fastdiff.sample's default (e.g. heun@leading)."""
     key = f"{sampler}-{steps}-n{n}-seed{seed}-{backend or 'auto'}.npy"
     if cache is not None and (Path(cache) / key).is_file():
         return torch.from_numpy(np.load(Path(cache) / key))
+    name, _, spacing = sampler.partition("@")
+    options = {"spacing": spacing} if spacing else {}
     x = ckpt.sample(
-        n, batch_size=batch_size, seed=seed, sampler=sampler, steps=steps, backend=backend
+        n, batch_size=batch_size, seed=seed, sampler=name, steps=steps, backend=backend, **options
     )
     x = x.clamp(-1, 1)
     if cache is not None:
@@ -57,8 +60,14 @@ def scores(x, classifier, real_features) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model file/dir (default: the embedded one)")
-    p.add_argument("--samplers", nargs="+", default=DEFAULT_SAMPLERS)
-    p.add_argument("--steps", nargs="+", type=int, default=[10, 20, 50])
+    p.add_argument(
+        "--samplers",
+        nargs="*",
+        default=DEFAULT_SAMPLERS,
+        metavar="SAMPLER[@SPACING]",
+        help="sampler names, optionally with a spacing (default: every sampler, trailing)",
+    )
+    p.add_argument("--steps", nargs="*", type=int, default=[10, 20, 50])
     p.add_argument(
         "--long",
         nargs="*",

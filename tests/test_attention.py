@@ -94,7 +94,13 @@ def test_dispatch_and_errors():
 
 def test_use_forces_backend():
     q, k, v = qkv(1, 2, 9, 9, 40, torch.float32)
-    assert ATTENTION.select(q, k, v, 0.1).name == "triton"
+    # compiled Triton goes first on CUDA; on CPU tensors it would be interpreted, so it runs
+    # only when named
+    auto = "triton" if q.is_cuda else "sdpa"
+    assert ATTENTION.select(q, k, v, 0.1).name == auto
+    assert "triton" in ATTENTION.available(q, k, v, 0.1)
+    with use("triton"):
+        assert ATTENTION.select(q, k, v, 0.1).name == "triton"
     with use("reference"):
         assert ATTENTION.select(q, k, v, 0.1).name == "reference"
 

@@ -23,7 +23,9 @@ class Backend:
     fastdiff was imported still counts); `dtypes` the tensor dtypes it accepts. `ready`
     returns a reason when the backend cannot run at all on this machine (extension not built,
     triton missing), else None. `check` gets the op's call arguments and returns extra reasons
-    (unsupported head dim, layout, ...)."""
+    (unsupported head dim, layout, ...). On the device types in `interpreted_on` the backend only
+    emulates (Triton's interpreter on CPU tensors): it runs when asked for by name or by `use()`,
+    but automatic dispatch never picks it, since even the reference is faster there."""
 
     name: str
     fn: Callable
@@ -31,6 +33,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     ready: Callable[[], str | None] = lambda: None
     check: Callable[..., list[str]] | None = None
+    interpreted_on: tuple[str, ...] = ()
 
 
 @dataclass
@@ -91,6 +94,9 @@ class Op:
             return self.get(wanted)
         refused = []
         for b in self.backends:
+            if tensor.device.type in b.interpreted_on:
+                refused.append(f"  {b.name}: interpreted on {tensor.device.type}: only by name")
+                continue
             reasons = self.why_not(b.name, tensor, *args, **kwargs)
             if not reasons:
                 return b
@@ -127,6 +133,16 @@ def triton_devices() -> tuple[str, ...]:
     """Devices Triton kernels run on: CUDA compiled, and CPU tensors under TRITON_INTERPRET=1
     (which must be set before the kernels are defined, i.e. before fastdiff is imported)."""
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def triton_backend(
+    fn: Callable,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16),
+    check: Callable[..., list[str]] | None = None,
+) -> Backend:
+    """The `triton` backend of an op: compiled on CUDA; on CPU tensors (TRITON_INTERPRET=1) only
+    when asked for by name."""
+    return Backend("triton", fn, triton_devices, dtypes, triton_ready, check, ("cpu",))
 
 
 def extension_ready(op: str, device_types: Sequence[str] = ("cpu",)) -> Callable[[], str | None]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops._dispatch import Backend, Op, triton_devices, triton_ready
+from fastdiff.ops._dispatch import Backend, Op, triton_backend
 
 MAX_HEAD_DIM = 256
 
@@ -78,9 +78,7 @@ def _sdpa_attention(q, k, v, scale):
 
 
 ATTENTION = Op("attention", attention_reference)
-ATTENTION.register(
-    Backend("triton", _triton_attention, triton_devices, ready=triton_ready, check=_triton_check)
-)
+ATTENTION.register(triton_backend(_triton_attention, check=_triton_check))
 ATTENTION.register(Backend("sdpa", _sdpa_attention, ("cpu", "cuda")))
 
 

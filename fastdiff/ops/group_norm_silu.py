@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops._dispatch import Backend, Op, extension_ready, triton_devices, triton_ready
+from fastdiff.ops._dispatch import Backend, Op, extension_ready, triton_backend
 
 # TARGETS.md shapes (B, C, H, W) with 32 groups, for benchmarks/run.py (GB/s: 2 x numel x itemsize
 # is the byte floor: read x once, write once)
@@ -160,13 +160,7 @@ for _backend in (
         ready=extension_ready("group_norm_silu_fwd", ("cuda",)),
         check=_extension_check,
     ),
-    Backend(
-        "triton",
-        _triton_group_norm_silu,
-        triton_devices,
-        ready=triton_ready,
-        check=_triton_check,
-    ),
+    triton_backend(_triton_group_norm_silu, check=_triton_check),
     Backend(
         "cpu",
         _extension_group_norm_silu,

@@ -26,7 +26,7 @@ import operator
 import torch
 
 from fastdiff import noise
-from fastdiff.ops._dispatch import Backend, Op, extension_ready, triton_devices, triton_ready
+from fastdiff.ops._dispatch import Backend, Op, extension_ready, triton_backend
 from fastdiff.samplers import NCOEF, Col
 
 
@@ -212,7 +212,7 @@ for _backend in (
         ready=extension_ready("step", ("cpu",)),
         check=_fused_check,
     ),
-    Backend("triton", _triton_step, triton_devices, _FUSED_DTYPES, triton_ready, _fused_check),
+    triton_backend(_triton_step, _FUSED_DTYPES, _fused_check),
 ):
     step_op.register(_backend)
 
