@@ -3,6 +3,7 @@ result against the reference so that a run is also a correctness check:
 
     compute-sanitizer --tool memcheck  --error-exitcode 1 python3 scripts/sanitize_kernels.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/sanitize_kernels.py
+    python3 scripts/sanitize_kernels.py --backend cpu     # the same calls on the C++ CPU kernels
 
 Shapes: 1823 elements (no multiple of any vector width), 3x5x7x11, 2x4x64x64; fp32/fp16/bf16;
 NCHW and channels_last; every sampler (with and without history, noise, guidance and clamp).
@@ -10,6 +11,7 @@ NCHW and channels_last; every sampler (with and without history, noise, guidance
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -35,7 +37,12 @@ def rand(shape, dtype, channels_last: bool, g: torch.Generator) -> torch.Tensor:
     return t.to(memory_format=torch.channels_last) if channels_last else t
 
 
-def run_step(dev: torch.device) -> int:
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_step(dev: torch.device, backend: str) -> int:
     schedule = Schedule.stable_diffusion()
     calls = 0
     for sampler in SAMPLERS:
@@ -55,8 +62,8 @@ def run_step(dev: torch.device) -> int:
                         kw = dict(seed=7, sample_offset=3, guidance=2.5, clamp=(-1.0, 1.0))
                         h_ref = [h.clone() if h is not None else None for h in hs]
                         ref = step_reference(x, y, yu, *h_ref, table, counter, **kw)
-                        out = step(x, y, yu, *hs, table, counter, backend="cuda", **kw)
-                        torch.cuda.synchronize()
+                        out = step(x, y, yu, *hs, table, counter, backend=backend, **kw)
+                        sync(dev)
                         check(f"step {sampler} {shape} {dtype} row {row}", out, ref, dtype)
                         for h, hr in zip(hs, h_ref):
                             if h is not None:
@@ -65,7 +72,7 @@ def run_step(dev: torch.device) -> int:
     return calls
 
 
-def run_group_norm(dev: torch.device) -> int:
+def run_group_norm(dev: torch.device, backend: str) -> int:
     calls = 0
     for shape, groups in [((1, 8, 5, 7), 4), ((2, 64, 33, 17), 32), ((2, 320, 16, 16), 32)]:
         for dtype in DTYPES:
@@ -75,20 +82,24 @@ def run_group_norm(dev: torch.device) -> int:
                 w = torch.randn(shape[1], generator=g, device=dev).to(dtype)
                 b = torch.randn(shape[1], generator=g, device=dev).to(dtype)
                 ss = torch.randn(shape[0], 2 * shape[1], generator=g, device=dev).to(dtype)
-                out = group_norm_silu(x, groups, w, b, 1e-5, scale_shift=ss, backend="cuda")
-                torch.cuda.synchronize()
+                out = group_norm_silu(x, groups, w, b, 1e-5, scale_shift=ss, backend=backend)
+                sync(dev)
                 ref = group_norm_silu_reference(x, groups, w, b, 1e-5, ss)
                 check(f"group_norm_silu {shape} {dtype}", out, ref, dtype)
                 calls += 1
     return calls
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("sanitize_kernels.py: no CUDA device", file=sys.stderr)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", choices=["cuda", "triton", "cpu"], default="cuda")
+    args = p.parse_args(argv)
+    dev = torch.device("cpu" if args.backend == "cpu" else "cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(f"sanitize_kernels.py: --backend {args.backend} needs a CUDA device", file=sys.stderr)
         return 2
-    dev = torch.device("cuda")
-    print(f"step: {run_step(dev)} calls; group_norm_silu: {run_group_norm(dev)} calls; all equal")
+    steps, norms = run_step(dev, args.backend), run_group_norm(dev, args.backend)
+    print(f"{args.backend}: step {steps} calls, group_norm_silu {norms} calls, all equal")
     return 0
 
 
