@@ -21,6 +21,7 @@ sigma = s alpha on the VP path, lambda = log(alpha / sigma) = -log s.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -263,6 +264,12 @@ def euler_a(schedule: Schedule, steps: int, spacing: str, *, eta: float = 1.0) -
     return out
 
 
+# Heun's first corrector adds (s0 - s1) / 2 times the change in the predicted noise to a sample of
+# scale max(1, s1); above this ratio it is warned about. Stable Diffusion's schedule gives at most
+# 7 (2 steps); a cosine schedule clipped at beta 0.999 (sigma_max 2e4) gives ~1600 at 10 steps.
+HEUN_MAX_CORRECTOR_GAIN = 50.0
+
+
 def heun(schedule: Schedule, steps: int, spacing: str) -> _Rows:
     """Heun's second-order method (Karras et al. 2022, Alg. 1): an Euler predictor to s_next,
     then the trapezoidal corrector; the last step (to s = 0) is Euler only. 2 steps - 1 rows.
@@ -271,6 +278,16 @@ def heun(schedule: Schedule, steps: int, spacing: str) -> _Rows:
     h0 keeps d1 = eps_1 = (x - alpha x0_1) / sigma, which stays accurate where s_next << s
     (x0_1 itself would carry an error of order s eps_mach into a term scaled by s / s_next)."""
     t, s = _sigma_grid(schedule, steps, spacing)
+    gain = (s[0] - s[1]) / (2 * max(1.0, s[1])) if steps > 1 else 0.0
+    if gain > HEUN_MAX_CORRECTOR_GAIN:
+        warnings.warn(
+            f"heun: the first step goes from sigma {s[0]:.4g} to {s[1]:.4g}; its trapezoidal "
+            f"corrector adds the change in the predicted noise times {(s[0] - s[1]) / 2:.4g}, "
+            f"{gain:.0f} times the scale of the sample: expect unusable samples (diffusers' "
+            "HeunDiscreteScheduler gives the same). Use spacing='leading', another sampler, "
+            "or a schedule with a smaller sigma_max.",
+            stacklevel=3,
+        )
     out = _Rows(n_history=1, init_scale=_euler_init(s[0], spacing))
     for i in range(steps):
         si, sn = s[i], s[i + 1]

@@ -1,5 +1,7 @@
 """fastdiff.sample: seeds, batch invariance, guidance, and the errors a user can hit."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -111,3 +113,16 @@ def test_progress_bar_and_callback(toy_model, capsys):
     )  # fmt: skip
     assert [s[0] for s in seen] == list(range(5))  # heun: 2 * 3 - 1 model evaluations
     assert "heun" in capsys.readouterr().err
+
+
+def test_heun_warns_when_its_first_corrector_blows_up():
+    """Cosine betas clipped at 0.999 put sigma_max at 2e4: Heun's first trapezoidal corrector
+    then multiplies the change in the predicted noise by ~1e4 (diffusers does the same)."""
+    cosine = fastdiff.Schedule.from_betas("cosine", 1000)
+    with pytest.warns(UserWarning, match=r"heun: the first step goes from sigma 2\.029e\+04"):
+        fastdiff.build_plan("heun", cosine, 10, spacing="trailing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastdiff.build_plan("heun", cosine, 10, spacing="leading")  # starts at sigma 6.5
+        for steps in (2, 10, 50):
+            fastdiff.build_plan("heun", fastdiff.Schedule.stable_diffusion(), steps)
