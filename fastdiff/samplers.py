@@ -340,7 +340,9 @@ def _dpmpp(schedule: Schedule, steps: int, spacing: str, order: int, sde: bool) 
                 c = [
                     a_t * (1 - eh * eh),
                     a_t * ((1 - eh * eh) / (-2 * h) + 1),
-                    a_t * ((1 - eh * eh - 2 * h) / (2 * h) ** 2 - 0.5),
+                    # + 0.5: the ODE coefficient below with h -> 2h (k-diffusion's phi_3);
+                    # diffusers 0.42 has - 0.5 here, which diverges as steps grow (README)
+                    a_t * ((1 - eh * eh - 2 * h) / (2 * h) ** 2 + 0.5),
                 ]
         else:
             x_coef = sg_t / _vp(s[i])[1]

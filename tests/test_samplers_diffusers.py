@@ -2,6 +2,8 @@
 and the same noise (diffusers is the external oracle; it runs here on CPU, no network)."""
 
 import importlib
+import inspect
+import textwrap
 import types
 
 import diffusers
@@ -92,6 +94,10 @@ def diffusers_loop(
     mod.randn_tensor = randn_tensor
     if exact:
         mod.torch = _Float64Torch()
+    cls = getattr(diffusers, MAPPING[sampler][0])
+    saved_update = cls.__dict__.get("multistep_dpm_solver_third_order_update")
+    if sampler == "dpmpp_3m_sde":
+        cls.multistep_dpm_solver_third_order_update = _fixed_3m_sde_update(cls, mod)
     try:
         s = _scheduler(sampler, spacing, prediction, **extra)
         s.set_timesteps(steps)
@@ -105,7 +111,28 @@ def diffusers_loop(
     finally:
         for n, v in saved.items():
             setattr(mod, n, v)
+        if saved_update is not None:
+            cls.multistep_dpm_solver_third_order_update = saved_update
     return x
+
+
+# diffusers 0.42's third-order SDE-DPM-Solver++ update has "- 0.5" in the D2 coefficient where
+# its ODE update with h -> 2h (and k-diffusion's DPM++ 3M SDE, phi_3) has "+ 0.5"; with the
+# sign as it is, samples diverge as steps grow (test_convergence.py). The oracle is diffusers'
+# own function with that one sign corrected.
+_DIFFUSERS_3M_SDE = "((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2"
+
+
+def _fixed_3m_sde_update(cls, mod):
+    src = textwrap.dedent(inspect.getsource(cls.multistep_dpm_solver_third_order_update))
+    assert src.count(_DIFFUSERS_3M_SDE) == 1, "diffusers' 3M SDE update changed: recheck it"
+    namespace = {}
+    exec(
+        src.replace(_DIFFUSERS_3M_SDE, _DIFFUSERS_3M_SDE.replace("- 0.5", "+ 0.5")),
+        vars(mod),
+        namespace,
+    )
+    return namespace["multistep_dpm_solver_third_order_update"]
 
 
 def _scheduler_module(sampler):
@@ -177,7 +204,11 @@ FLOAT32_CASES = [
 
 @pytest.mark.parametrize("sampler,spacing,prediction", FLOAT32_CASES)
 def test_equals_diffusers_in_float32(sampler, spacing, prediction, toy_model):
-    """Unmodified diffusers in float32 vs fastdiff in float32: max abs error <= 1e-4."""
+    """diffusers in float32 (unmodified, except the 3M SDE sign above) vs fastdiff in float32:
+    max abs error <= 1e-4. The corrected 3M SDE D2 coefficient, (1 - e^-2h - 2h) / (2h)^2 + 0.5,
+    is a difference of nearly equal terms for small h, which diffusers evaluates in float32
+    (fastdiff in float64): 5e-4 there; the float64 test above holds it to 1e-9."""
+    tol = 5e-4 if sampler == "dpmpp_3m_sde" else 1e-4
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
     schedule = fastdiff.Schedule.stable_diffusion()
     for steps in (7, 10, 25):
@@ -192,7 +223,7 @@ def test_equals_diffusers_in_float32(sampler, spacing, prediction, toy_model):
             spacing=spacing,
         )
         err = (out - ref).abs().max().item()
-        assert err <= 1e-4, f"{steps} steps: max abs error {err:.3e}"
+        assert err <= tol, f"{steps} steps: max abs error {err:.3e}"
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0])
