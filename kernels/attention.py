@@ -32,10 +32,11 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, k_base, v_base, start_n, LKV, D, DV,
+    acc, m_i, l_i, q, k_base, v_base, start_n, LKV,
     skn, skd, svn, svd, qk_scale,
-    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -70,11 +71,17 @@ def attention_fwd_kernel(
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
-    H, LQ, LKV, D, DV, qk_scale,
-    D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, LQ, LKV, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
+    # the batch, head and row strides arrive divided by ALIGN (elements): multiplied back by a
+    # constexpr, the compiler knows every row starts 16-byte aligned and vectorises the loads
+    sqb, sqh, sqm = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN
+    skb, skh, skn = skb * ALIGN, skh * ALIGN, skn * ALIGN
+    svb, svh, svn = svb * ALIGN, svh * ALIGN, svn * ALIGN
+    sob, soh, som = sob * ALIGN, soh * ALIGN, som * ALIGN
     # one program per (batch * head, query block); query blocks of one head are neighbours so
     # they share K/V in L2
     num_m = tl.cdiv(LQ, BLOCK_M)
@@ -101,13 +108,13 @@ def attention_fwd_kernel(
     n_full = (LKV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, k_base, v_base, start_n, LKV, D, DV, skn, skd, svn, svd,
-            qk_scale, D_PAD, DV_PAD, BLOCK_N, False, DOT_PRECISION, DOT_UPCAST,
+            acc, m_i, l_i, q, k_base, v_base, start_n, LKV, skn, skd, svn, svd,
+            qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_N, False, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
     if n_full < LKV:
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, k_base, v_base, n_full, LKV, D, DV, skn, skd, svn, svd,
-            qk_scale, D_PAD, DV_PAD, BLOCK_N, True, DOT_PRECISION, DOT_UPCAST,
+            acc, m_i, l_i, q, k_base, v_base, n_full, LKV, skn, skd, svn, svd,
+            qk_scale, D, DV, D_PAD, DV_PAD, BLOCK_N, True, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
     acc = acc / l_i[:, None]
     tl.store(
@@ -119,6 +126,18 @@ def attention_fwd_kernel(
 
 def _pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
+
+
+def _row_alignment(tensors: tuple[torch.Tensor, ...]) -> int:
+    """The largest power of two (elements, at most 16 bytes' worth) that divides every batch,
+    head and row stride; 1 unless the head dim is contiguous."""
+    if any(t.stride(3) != 1 for t in tensors):
+        return 1
+    align = 16 // tensors[0].element_size()
+    strides = [s for t in tensors for s in t.stride()[:3]]
+    while align > 1 and any(s % align for s in strides):
+        align //= 2
+    return align
 
 
 def launch_config(d_pad: int, dtype: torch.dtype, interpret: bool) -> dict:
@@ -137,21 +156,38 @@ def launch_config(d_pad: int, dtype: torch.dtype, interpret: bool) -> dict:
     return cfg
 
 
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, H, Lq, d), k (B, H, Lkv, d), v (B, H, Lkv, dv), any strides -> o (B, H, Lq, dv)."""
+def _tile(m: int, n: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+
+# Other 16-bit tilings per padded head dim, for benchmarks/run.py to time against the default on
+# a GPU: each compiles for sm_90 without spills and within its shared memory, with HGMMA
+# (tests/test_compile_kernels.py)
+TILE_CANDIDATES = {
+    64: [_tile(128, 128, 8, 2), _tile(128, 64, 8, 3), _tile(64, 64, 4, 3)],
+    128: [_tile(128, 128, 8, 2), _tile(64, 64, 4, 3)],
+    256: [_tile(128, 32, 8, 2), _tile(64, 32, 4, 2)],
+}
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: dict | None = None
+) -> torch.Tensor:
+    """q (B, H, Lq, d), k (B, H, Lkv, d), v (B, H, Lkv, dv), any strides -> o (B, H, Lq, dv).
+    `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces launch_config's choice."""
     B, H, LQ, D = q.shape
     LKV, DV = k.shape[2], v.shape[3]
     o = torch.empty((B, H, LQ, DV), dtype=q.dtype, device=q.device)
     if o.numel() == 0:
         return o
     d_pad, dv_pad = _pad(D), _pad(DV)
-    cfg = launch_config(max(d_pad, dv_pad), q.dtype, INTERPRET)
+    cfg = config or launch_config(max(d_pad, dv_pad), q.dtype, INTERPRET)
     grid = (triton.cdiv(LQ, cfg["BLOCK_M"]) * B * H,)
+    align = _row_alignment((q, k, v, o))
+    strides = [s // align if i < 3 else s for t in (q, k, v, o) for i, s in enumerate(t.stride())]
     attention_fwd_kernel[grid](
-        q, k, v, o,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, LQ, LKV, D, DV, scale * LOG2E,
-        D_PAD=d_pad, DV_PAD=dv_pad,
+        q, k, v, o, *strides, H, LQ, LKV, scale * LOG2E,
+        D=D, DV=DV, D_PAD=d_pad, DV_PAD=dv_pad, ALIGN=align,
         # fp32 inputs keep fp32 products: TF32 would break the tolerance rule (DESIGN.md)
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_UPCAST=INTERPRET and q.dtype == torch.bfloat16,

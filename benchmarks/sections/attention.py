@@ -16,6 +16,9 @@ from sections._shared import dtype_name
 NOTES = (
     "FLOPs = 4 x batch*heads x Lq x Lkv x d (two matmuls); % roofline = FLOPs at the probed "
     "matmul peak of the dtype / time. Ratios are against the fastest SDPA backend of the case.",
+    "On CUDA, `triton MxN wW sS` rows time the same kernel with the other tilings of "
+    "kernels/attention.py's TILE_CANDIDATES (BLOCK_M x BLOCK_N, warps, pipeline stages): the "
+    "data for choosing launch_config's defaults.",
 )
 # name: (batch * heads, Lq, Lkv, head dim). On a GPU: TARGETS.md's shapes; on a CPU: small ones
 CPU_SHAPES = {
@@ -67,6 +70,12 @@ def _case(ctx, name, bh, lq, lkv, d, dtype) -> Case:
     for backend in _fastdiff_backends(ctx, dtype, d):
         fn = lambda b=backend: _fastdiff(b, inputs())
         contenders.append(Contender(f"fastdiff-{backend}", fn))
+    if ctx.cuda and dtype != torch.float32:
+        from fastdiff.kernels.attention import TILE_CANDIDATES, _pad
+
+        for cfg in TILE_CANDIDATES[_pad(d)]:
+            tag = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            contenders.append(Contender(f"triton {tag}", lambda c=cfg: _tiled(c, inputs())))
     return Case(
         f"{name} {bh}x{lq}x{lkv}x{d} {dtype_name(dtype)}",
         contenders,
@@ -104,6 +113,13 @@ def _sdpa(sets):
         raise Skip(first_line(e)) from None
     nxt = itertools.cycle(sets).__next__
     return lambda: F.scaled_dot_product_attention(*nxt())
+
+
+def _tiled(config, sets):
+    from fastdiff.kernels.attention import attention_fwd
+
+    nxt, scale = itertools.cycle(sets).__next__, sets[0][0].shape[-1] ** -0.5
+    return lambda: attention_fwd(*nxt(), scale, config=config)
 
 
 def _fastdiff(backend, sets):
