@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tolerance import assert_within_tolerance
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastdiff.ops import use
 from fastdiff.ops.attention import ATTENTION, attention, attention_reference
@@ -94,15 +95,31 @@ def test_dispatch_and_errors():
 
 def test_use_forces_backend():
     q, k, v = qkv(1, 2, 9, 9, 40, torch.float32)
-    # compiled Triton goes first on CUDA; on CPU tensors it would be interpreted, so it runs
-    # only when named
-    auto = "triton" if q.is_cuda else "sdpa"
+    # on CPU tensors Triton would be interpreted, and fp32 Triton spills registers on CUDA: both
+    # run only when named
+    auto = "sdpa"
     assert ATTENTION.select(q, k, v, 0.1).name == auto
     assert "triton" in ATTENTION.available(q, k, v, 0.1)
     with use("triton"):
         assert ATTENTION.select(q, k, v, 0.1).name == "triton"
     with use("reference"):
         assert ATTENTION.select(q, k, v, 0.1).name == "reference"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "auto"),
+    [(torch.float16, "triton"), (torch.bfloat16, "triton"), (torch.float32, "sdpa")],
+)
+def test_cuda_dispatch_passes_over_fp32_triton(dtype, auto):
+    """On CUDA tensors (fake ones here: no memory, no GPU needed) 16-bit attention goes to the
+    Triton kernel and fp32 to sdpa, while a named Triton backend still takes fp32."""
+    with FakeTensorMode():
+        q, k, v = (torch.empty(1, 2, 97, 40, dtype=dtype, device="cuda") for _ in range(3))
+        assert ATTENTION.select(q, k, v, 0.1).name == auto
+        assert ATTENTION.select(q, k, v, 0.1, backend="triton").name == "triton"
+        reason = ATTENTION.get("triton").by_name_only(q, k, v, 0.1)
+    assert (reason is None) == (auto == "triton")
+    assert reason is None or "float32" in reason
 
 
 def test_opcheck():

@@ -23,9 +23,10 @@ class Backend:
     fastdiff was imported still counts); `dtypes` the tensor dtypes it accepts. `ready`
     returns a reason when the backend cannot run at all on this machine (extension not built,
     triton missing), else None. `check` gets the op's call arguments and returns extra reasons
-    (unsupported head dim, layout, ...). On the device types in `interpreted_on` the backend only
-    emulates (Triton's interpreter on CPU tensors): it runs when asked for by name or by `use()`,
-    but automatic dispatch never picks it, since even the reference is faster there."""
+    (unsupported head dim, layout, ...). `by_name_only` gets the same arguments and returns why
+    automatic dispatch should pass over a call the backend can run (Triton's interpreter on CPU
+    tensors, slower than even the reference; a kernel that a later backend beats): the backend
+    then runs only when asked for by name or by `use()`."""
 
     name: str
     fn: Callable
@@ -33,7 +34,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     ready: Callable[[], str | None] = lambda: None
     check: Callable[..., list[str]] | None = None
-    interpreted_on: tuple[str, ...] = ()
+    by_name_only: Callable[..., str | None] | None = None
 
 
 @dataclass
@@ -94,8 +95,9 @@ class Op:
             return self.get(wanted)
         refused = []
         for b in self.backends:
-            if tensor.device.type in b.interpreted_on:
-                refused.append(f"  {b.name}: interpreted on {tensor.device.type}: only by name")
+            passed_over = b.by_name_only and b.by_name_only(tensor, *args, **kwargs)
+            if passed_over:
+                refused.append(f"  {b.name}: {passed_over}: only by name")
                 continue
             reasons = self.why_not(b.name, tensor, *args, **kwargs)
             if not reasons:
@@ -139,10 +141,17 @@ def triton_backend(
     fn: Callable,
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16),
     check: Callable[..., list[str]] | None = None,
+    by_name_only: Callable[..., str | None] | None = None,
 ) -> Backend:
-    """The `triton` backend of an op: compiled on CUDA; on CPU tensors (TRITON_INTERPRET=1) only
-    when asked for by name."""
-    return Backend("triton", fn, triton_devices, dtypes, triton_ready, check, ("cpu",))
+    """The `triton` backend of an op: compiled on CUDA; on CPU tensors (TRITON_INTERPRET=1), and
+    where the op's own `by_name_only` says so, only when asked for by name."""
+
+    def passed_over(tensor: torch.Tensor, *args, **kwargs) -> str | None:
+        if tensor.device.type == "cpu":
+            return "interpreted on cpu"
+        return by_name_only(tensor, *args, **kwargs) if by_name_only else None
+
+    return Backend("triton", fn, triton_devices, dtypes, triton_ready, check, passed_over)
 
 
 def extension_ready(op: str, device_types: Sequence[str] = ("cpu",)) -> Callable[[], str | None]:

@@ -1,8 +1,9 @@
 """Scaled dot-product attention, softmax(q k^T * scale) v, in SDPA's (B, heads, L, d) layout.
 
 Backends, in order: `triton` (kernels/attention.py, flash-attention forward with the online
-softmax), `sdpa` (torch's scaled_dot_product_attention: the fallback where Triton cannot run,
-e.g. on a CPU without TRITON_INTERPRET) and the reference. A CUDA C++ kernel is its own issue:
+softmax; automatic dispatch gives it 16-bit CUDA tensors, fp32 only by name), `sdpa` (torch's
+scaled_dot_product_attention: fp32 on CUDA, and where Triton cannot run, e.g. on a CPU without
+TRITON_INTERPRET) and the reference. A CUDA C++ kernel is its own issue:
 it goes first, `ATTENTION.backends.insert(0, Backend("cuda", ..., ("cuda",), ready=...))`.
 
 The op is `torch.ops.fastdiff.attention` (torch.library.custom_op): torch.compile and
@@ -65,6 +66,14 @@ def _triton_check(q, k, v, scale) -> list[str]:
     return reasons
 
 
+def _triton_by_name_only(q, k, v, scale) -> str | None:
+    if q.dtype == torch.float32:
+        # fp32 products run on FMA units, whose dot lowering needs the whole head dim of q and
+        # K^T per thread: ptxas spills registers at every tile size (scripts/compile_kernels.py)
+        return "float32 (its dots spill registers; sdpa's fp32 kernel is faster)"
+    return None
+
+
 def _triton_attention(q, k, v, scale):
     from fastdiff.kernels.attention import attention_fwd
 
@@ -78,7 +87,9 @@ def _sdpa_attention(q, k, v, scale):
 
 
 ATTENTION = Op("attention", attention_reference)
-ATTENTION.register(triton_backend(_triton_attention, check=_triton_check))
+ATTENTION.register(
+    triton_backend(_triton_attention, check=_triton_check, by_name_only=_triton_by_name_only)
+)
 ATTENTION.register(Backend("sdpa", _sdpa_attention, ("cpu", "cuda")))
 
 
