@@ -4,6 +4,8 @@ and refuses unknown phases."""
 
 import importlib.util
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
@@ -39,6 +42,21 @@ def test_sanitizer_driver_fails_on_a_wrong_result(monkeypatch):
     monkeypatch.setattr(driver, "group_norm_silu", lambda *a, **k: real(*a, **k) * 1.01)
     with pytest.raises(SystemExit, match="group_norm_silu"):
         driver.run_group_norm(driver.torch.device("cpu"), "cpu")
+
+
+def test_gpu_check_packs_its_results_and_keeps_to_the_deadline(tmp_path):
+    """With no time left every phase is skipped and named; the results still come back as the
+    two files the device tool can return (it returns at most eight)."""
+    script = SCRIPTS / "gpu_check.sh"
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": "true", "DEADLINE": "0"}
+    run = subprocess.run(["bash", script, "all"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-check.tar.gz", "summary.txt"]
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    phases = ["build", "test", "sanitize", "kernels", "e2e"]
+    assert lines == [f"{p}: not run (deadline 0 s reached)" for p in phases]
+    with tarfile.open(tmp_path / "gpu-check.tar.gz") as tar:
+        assert {"./summary.txt", "./env.txt"} <= set(tar.getnames())
 
 
 def test_gpu_check_script_parses_and_refuses_unknown_phases(tmp_path):
