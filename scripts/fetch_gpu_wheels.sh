@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl \
-    diffusers==0.42.1 importlib_metadata pytorch-fid clean-fid
+    diffusers==0.42.1 importlib_metadata lazy-importer pytorch-fid clean-fid
 ls -l .whl
