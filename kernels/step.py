@@ -9,10 +9,12 @@ The row is table[counter], loaded by the kernel (no host sync; CUDA-graph safe).
 handles BLOCK logical elements of one sample, as BLOCK // 4 Philox blocks: each block's four
 normals (tl.random.philox with the counter (e // 4, sample, step, 0), Box-Muller with libdevice's
 log/sin/cos and sqrt_rn, as fastdiff/noise.py specifies) land on its four consecutive logical
-elements, tile shape (BLOCK // 4, 4). channels_last states map logical e = c * HW + p to memory
-p * C + c. Traffic: the reference makes ~12 passes over the state; this kernel reads x, y
-(, y_u, h0, h1) and writes x_next (, h) once: 12 B/element for DDIM in fp32, 20 for
-DPM-Solver++(2M).
+elements. The tile is (BLOCK // VEC, VEC), VEC = 16 bytes of the state's dtype (4 fp32, 8
+fp16/bf16; a row is VEC // 4 Philox blocks), so contiguous states load and store 16 bytes per
+access (scripts/compile_kernels.py shows the LDG.E.128). channels_last states map logical
+e = c * HW + p to memory p * C + c. Traffic: the reference makes ~12 passes over the state; this
+kernel reads x, y (, y_u, h0, h1) and writes x_next (, h) once: 12 B/element for DDIM in fp32,
+20 for DPM-Solver++(2M).
 """
 
 import os
@@ -51,15 +53,34 @@ def _box_muller(wa, wb):
 
 
 @triton.jit
-def _normals(seed, q, n, s):
-    """(len(q), 4) normals: row i holds the block q[i] of sample n at step s."""
+def _block_normals(seed, q, n, s):
+    """The four normals of each Philox block q[i] of sample n at step s."""
     c0 = q.to(tl.uint32)
     zero = tl.zeros_like(c0)
     w0, w1, w2, w3 = tl.random.philox(seed, c0, zero + n.to(tl.uint32), zero + s.to(tl.uint32),
                                       zero, 10)  # fmt: skip
     z0, z1 = _box_muller(w0, w1)
     z2, z3 = _box_muller(w2, w3)
-    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (q.shape[0], 4))
+    return z0, z1, z2, z3
+
+
+@triton.jit
+def _normals(seed, rows, n, s, VEC: tl.constexpr):
+    """(len(rows), VEC) normals: row i holds the VEC logical elements from VEC * rows[i] on,
+    i.e. VEC // 4 consecutive Philox blocks. Built by joins, which keep each row in one thread's
+    registers (a reshape of a (len * VEC // 4, 4) tile would go through shared memory)."""
+    tl.static_assert(VEC == 4 or VEC == 8, "VEC: 16 bytes of fp32, fp16 or bf16")
+    if VEC == 4:
+        z0, z1, z2, z3 = _block_normals(seed, rows, n, s)
+        z = tl.join(tl.join(z0, z2), tl.join(z1, z3))  # [i, a, b] = z_{2a+b}
+    else:  # VEC == 8: blocks 2 rows[i] (a = 0) and 2 rows[i] + 1 (a = 1)
+        e0, e1, e2, e3 = _block_normals(seed, 2 * rows, n, s)
+        o0, o1, o2, o3 = _block_normals(seed, 2 * rows + 1, n, s)
+        # [i, a, b, c] = block a's z_{2b+c}: join first on a, then b, then c
+        z = tl.join(
+            tl.join(tl.join(e0, o0), tl.join(e2, o2)), tl.join(tl.join(e1, o1), tl.join(e3, o3))
+        )
+    return tl.reshape(z, (rows.shape[0], VEC))
 
 
 @triton.jit
@@ -83,14 +104,14 @@ def _step_kernel(
     x_ptr, y_ptr, yu_ptr, h0_ptr, h1_ptr, out_ptr, table_ptr, counter_ptr,
     seed, sample_offset, guidance, lo, hi, per_sample, positions, channels, blocks_per_sample,
     GUIDED: tl.constexpr, HAS_H0: tl.constexpr, HAS_H1: tl.constexpr, CLAMP: tl.constexpr,
-    NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+    NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // blocks_per_sample
     r = tl.load(counter_ptr)
     row = table_ptr + r * NCOEF
-    q = (pid % blocks_per_sample).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    e = 4 * q[:, None] + tl.arange(0, 4)[None, :]  # (BLOCK // 4, 4) logical elements
+    rows = (pid % blocks_per_sample).to(tl.int64) * (BLOCK // VEC) + tl.arange(0, BLOCK // VEC)
+    e = VEC * rows[:, None] + tl.arange(0, VEC)[None, :]  # (BLOCK // VEC, VEC) logical elements
     mask = e < per_sample
     if CHANNELS_LAST:
         off = (e % positions) * channels + e // positions
@@ -112,7 +133,7 @@ def _step_kernel(
 
     x_next = _combo(row, X_X, x, d, h0, h1, HAS_H0, HAS_H1)
     if NOISE:
-        z = _normals(seed, q, sample_offset + b, r + 1)
+        z = _normals(seed, rows, sample_offset + b, r + 1, VEC)
         x_next = x_next + _coef(row, X_Z) * z
     tl.store(out_ptr + off, x_next.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_H0:
@@ -163,6 +184,7 @@ def step(
         per_sample, positions, channels, blocks_per_sample,
         GUIDED=y_uncond is not None, HAS_H0=h0 is not None, HAS_H1=h1 is not None,
         CLAMP=clamp is not None, NOISE=stochastic, CHANNELS_LAST=channels_last, BLOCK=block,
+        VEC=16 // x.element_size(),
         enable_fp_fusion=False,  # no FMA contraction: the reference's roundings, as in csrc/
     )  # fmt: skip
     return out
