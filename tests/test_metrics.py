@@ -2,12 +2,14 @@
 shipped digits extractor and statistics."""
 
 import importlib.util
+import inspect
 import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from fastdiff import data, metrics
@@ -36,14 +38,36 @@ def random_stats(rng, d):
 # -- the Fréchet distance ----------------------------------------------------------------------
 
 
+class _SqrtmWithDisp:
+    """scipy.linalg as pytorch-fid and clean-fid expect it: sqrtm(A, disp=False) returning
+    (root, error estimate), which scipy 1.18 no longer accepts; everything else passes through."""
+
+    def __init__(self, linalg):
+        self._linalg = linalg
+
+    def sqrtm(self, a, disp=True):
+        root = self._linalg.sqrtm(a)
+        if disp:
+            return root
+        error = np.linalg.norm(root @ root - a, "fro") / np.linalg.norm(a, "fro")
+        return root, error
+
+    def __getattr__(self, name):
+        return getattr(self._linalg, name)
+
+
 @pytest.mark.parametrize("d", [2, 64, 128])
-def test_frechet_distance_equals_pytorch_fid_and_clean_fid(d):
+def test_frechet_distance_equals_pytorch_fid_and_clean_fid(d, monkeypatch):
     pytorch_fid = pytest.importorskip("pytorch_fid.fid_score")
     cleanfid = pytest.importorskip("cleanfid.fid")
     stats = random_stats(np.random.default_rng(d), d)
     ours = metrics.frechet_distance(*stats)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), monkeypatch.context() as patch:
         warnings.simplefilter("ignore", DeprecationWarning)  # their sqrtm(disp=False)
+        if "disp" not in inspect.signature(scipy.linalg.sqrtm).parameters:
+            # scipy 1.18 dropped sqrtm's disp; both call sqrtm(A, disp=False) -> (root, error)
+            for module in (pytorch_fid, cleanfid):
+                patch.setattr(module, "linalg", _SqrtmWithDisp(module.linalg))
         theirs = [pytorch_fid.calculate_frechet_distance(*stats), cleanfid.frechet_distance(*stats)]
     for value in theirs:
         assert ours == pytest.approx(value, rel=1e-6)
