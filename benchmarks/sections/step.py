@@ -95,8 +95,8 @@ def _case(ctx, label, sampler, options, steps, shape, dtype) -> Case:
         contenders.append(Contender(f"fastdiff-{name}", eager))
     for name in ["reference", *fused] if ctx.cuda else []:
         graph = lambda name=name: _graph(call, name, inputs())
-        label = "reference" if name == "reference" else f"fastdiff-{name}"
-        contenders.append(Contender(f"{label}+graph", graph, per_call=n_sets))
+        who = "reference" if name == "reference" else f"fastdiff-{name}"
+        contenders.append(Contender(f"{who}+graph", graph, per_call=n_sets))
     return Case(
         f"{label} {shape_name(shape)} {dtype_name(dtype)}",
         contenders,
