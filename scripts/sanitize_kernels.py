@@ -74,7 +74,14 @@ def run_step(dev: torch.device, backend: str) -> int:
 
 def run_group_norm(dev: torch.device, backend: str) -> int:
     calls = 0
-    for shape, groups in [((1, 8, 5, 7), 4), ((2, 64, 33, 17), 32), ((2, 320, 16, 16), 32)]:
+    # odd sizes (element-wise path); 16-byte runs in NCHW only, and in both layouts (vector path)
+    shapes = [
+        ((1, 8, 5, 7), 4),
+        ((2, 64, 33, 17), 32),
+        ((2, 320, 16, 16), 32),
+        ((2, 256, 8, 8), 16),
+    ]
+    for shape, groups in shapes:
         for dtype in DTYPES:
             for channels_last in (False, True):
                 g = torch.Generator(device=dev).manual_seed(calls)

@@ -105,6 +105,12 @@ def test_cuda_extension_kernels(report):
     for k in step:
         assert k["memory_ops"].get("LDG.E.128", 0) >= 2 and k["memory_ops"].get("STG.E.128", 0)
         assert k["spill_bytes"] == 0
+    # GroupNorm+SiLU's vector path: statistics and apply, 3 dtypes x 2 layouts, 16-byte loads
+    norm = [k for k in report["kernels"] if k["source"] == "cuda" and "_vec_kernel" in k["name"]]
+    assert len(norm) == 12
+    for k in norm:
+        assert any(op.startswith("LDG.E.128") for op in k["memory_ops"]), k
+        assert k["spill_bytes"] == 0 and k["stack_bytes"] == 0
 
 
 STEP_PTX = """

@@ -89,6 +89,26 @@ def test_groups_larger_than_a_tile(backend, channels_last):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("conditioning", CONDITIONING)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_16_byte_runs(backend, dtype, conditioning, channels_last):
+    """16 channels per group and 8x8 positions: every group splits into 16-byte runs in both
+    layouts (the CUDA kernels' vector path); the same call on a tensor one element off 16-byte
+    alignment takes the element-wise path and must agree too."""
+    args, cond = inputs((2, 256, 8, 8), 16, dtype, conditioning, channels_last)
+    check_backend(backend, args, cond)
+    x = args[0]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shifted = torch.empty(x.numel() + 1, dtype=dtype, device=DEVICE)[1:]
+    shifted = shifted.view(x.permute(0, 2, 3, 1).shape if channels_last else x.shape)
+    shifted = shifted.permute(0, 3, 1, 2) if channels_last else shifted
+    assert shifted.is_contiguous(memory_format=fmt) and shifted.data_ptr() % 16
+    shifted.copy_(x)
+    check_backend(backend, (shifted, *args[1:]), cond)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_without_affine_and_3d(backend):
     require(backend)
     x = torch.randn(3, 12, 50, device=DEVICE)
