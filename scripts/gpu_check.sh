@@ -89,7 +89,8 @@ for phase in "${phases[@]}"; do
         note "build: rc=$rc in $((SECONDS - start)) s; $info"
         ;;
     test)
-        timeout "$t" $PY -m pytest -n 8 --dist loadfile -q -p no:cacheprovider \
+        # SIGINT at the deadline: pytest stops, still reports what ran and writes the XML
+        timeout -s INT -k 20 "$t" $PY -m pytest -n 8 --dist loadfile -q -p no:cacheprovider \
             --junitxml="$WORK/junit.xml" >"$WORK/test.log" 2>&1
         note "test: rc=$? in $((SECONDS - start)) s; $(tail -1 "$WORK/test.log")"
         ;;
