@@ -176,6 +176,7 @@ class _Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # train() created the process group, so it destroys it
 
     @property
     def main(self) -> bool:
@@ -187,9 +188,11 @@ def _init_distributed(device: torch.device) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return _Dist()
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    return _Dist(rank, dist.get_world_size(), local_rank, owns)
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -455,6 +458,10 @@ def train(
         final_path = [str(final) if final else None]
         dist.broadcast_object_list(final_path)
         final = Path(final_path[0])
+        if ddp.owns_group:
+            # a process that exits with its gloo group alive can abort in the group's threads
+            # ("terminate called without an active exception"), failing the whole torchrun
+            dist.destroy_process_group()
     if cfg.export and ddp.main:
         checkpoints.export_model(final, cfg.export)
     return final
