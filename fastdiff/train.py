@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -459,8 +460,13 @@ def train(
         dist.broadcast_object_list(final_path)
         final = Path(final_path[0])
         if ddp.owns_group:
-            # a process that exits with its gloo group alive can abort in the group's threads
-            # ("terminate called without an active exception"), failing the whole torchrun
+            # Tear the group down while Python is alive. A gloo worker thread that releases a
+            # finished collective's tensors during interpreter shutdown needs the GIL, is ended
+            # by pthread_exit and aborts the process ("terminate called without an active
+            # exception", pytorch/pytorch#190489). DDP's reducer holds the group: drop it first,
+            # so that destroying the group joins its worker threads now.
+            del net
+            gc.collect()
             dist.destroy_process_group()
     if cfg.export and ddp.main:
         checkpoints.export_model(final, cfg.export)
