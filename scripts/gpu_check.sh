@@ -38,6 +38,16 @@ finish() {
 }
 trap finish EXIT
 
+# "N passed, F failed, E errors, S skipped" from pytest's JUnit XML (complete after a SIGINT too)
+junit_counts() {
+    $PY -c 'import sys, xml.etree.ElementTree as ET
+s = ET.parse(sys.argv[1]).getroot()
+s = s if s.tag == "testsuite" else s.find("testsuite")
+n, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
+print(f"{n - f - e - k} passed, {f} failed, {e} errors, {k} skipped")' "$1" 2>/dev/null ||
+        echo "no JUnit XML"
+}
+
 # a phase's time: at most its share, never past the deadline; 0 when under 30 s are left
 budget() {
     local left=$((DEADLINE - SECONDS))
@@ -71,7 +81,7 @@ for phase in "${phases[@]}"; do
     start=$SECONDS
     case $phase in
     build) t=$(budget 300) ;;
-    test) t=$(budget 240) ;;
+    test) t=$(budget 270) ;;
     sanitize) t=$(budget 120) ;;
     kernels) t=$(budget 180) ;;
     e2e) t=$(budget 600) ;;
@@ -90,9 +100,10 @@ for phase in "${phases[@]}"; do
         ;;
     test)
         # SIGINT at the deadline: pytest stops, still reports what ran and writes the XML
-        timeout -s INT -k 20 "$t" $PY -m pytest -n 8 --dist loadfile -q -p no:cacheprovider \
+        timeout -s INT -k 20 "$t" $PY -m pytest -n 12 --dist loadfile -q -p no:cacheprovider \
             --junitxml="$WORK/junit.xml" >"$WORK/test.log" 2>&1
-        note "test: rc=$? in $((SECONDS - start)) s; $(tail -1 "$WORK/test.log")"
+        rc=$?
+        note "test: rc=$rc in $((SECONDS - start)) s; $(junit_counts "$WORK/junit.xml")"
         ;;
     sanitize)
         for tool in memcheck racecheck; do
