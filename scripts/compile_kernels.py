@@ -310,9 +310,7 @@ def attention_launches() -> Iterator[Launch]:
             if dtype == torch.float16 and _pad(max(d, dv)) not in tiled:
                 tiled.add(_pad(max(d, dv)))
                 for tile in TILE_CANDIDATES[_pad(max(d, dv))]:
-                    launch = Launch({**config, "tile": tile}, ATTENTION, (q, k, v, d**-0.5))
-                    launch.tile = tile
-                    yield launch
+                    yield Launch({**config, "tile": tile}, ATTENTION, (q, k, v, d**-0.5), tile=tile)
 
 
 # (shape, groups): the tests' uneven groups and the TARGETS.md / SD1.5 shapes
