@@ -1,26 +1,43 @@
 // fastdiff::group_norm_silu_fwd on CUDA (op described in group_norm_silu.h).
 //
-// A group (C/G channels x S positions) is split over `splits` blocks so that small batches
-// still fill the GPU (SD1.5 at batch 2 has only 64 groups). Two launches:
-//   1. statistics: each block reduces its slice to (count, mean, M2) with Welford per thread
-//      and Chan et al.'s pairwise merge across threads; partials go to a small fp32 workspace;
-//   2. apply: each block merges its group's partials, then normalises, conditions and writes
-//      its slice.
-// Where a group's elements come in 16-byte runs that share a memory row (NCHW with S a multiple
-// of the vector width V = 16 / itemsize; channels_last with C and C/G multiples of V) and every
-// pointer is 16-byte aligned, both passes move one 16-byte vector per thread and iteration and
-// index with one 32-bit division per vector; otherwise one element at a time.
-// Traffic: x read twice (plus the residual), the output written once: 3 x numel x itemsize.
+// One kernel. A (batch, group) is split over the `splits` blocks of one thread block cluster, so
+// that small batches still fill the GPU (SD1.5 at batch 2 has only 64 groups); on sm_90 the
+// blocks of a cluster run at the same time and read each other's shared memory. Each block
+//   1. reads its slice of the group once, keeping up to CACHE runs per thread in registers, and
+//      reduces it to (count, mean, M2): two passes over the registers (mean, then squares about
+//      it), runs beyond the cache merged in as they stream past, then Chan et al.'s pairwise
+//      merge across the block;
+//   2. merges the cluster's block statistics through distributed shared memory; every block
+//      merges them in the same order, so all of them normalise with the same mean and rstd;
+//   3. normalises, conditions and writes its slice from the registers, re-reading only the runs
+//      that did not fit.
+// Traffic where the slice fits the registers: x (and the residual) read once, the output written
+// once, 2 x numel x itemsize. Without clusters (no sm_90 code for the device, or
+// FASTDIFF_CUDA_CLUSTERS=0) a group is never split in that kernel; where splitting is needed to
+// fill the GPU, two launches over a small fp32 workspace do it instead: statistics, then apply
+// (x read twice).
+//
+// A run is R elements of one memory row that a thread moves together: R = 16 / itemsize (one
+// 16-byte vector) where a group's elements come in such runs (NCHW with H*W a multiple of R;
+// channels_last with C and C/G multiples of R, where the per-channel values of a run are 16-byte
+// vectors too) and every pointer is 16-byte aligned, with 32-bit index arithmetic once per run;
+// otherwise R = 1.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <string_view>
 #include <type_traits>
 
 #include "group_norm_silu.h"
@@ -29,7 +46,9 @@ namespace fastdiff {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxSplits = 32;  // the apply kernel merges the partials within one warp
+constexpr int64_t kMaxClusterSplits = 8;  // the portable cluster size
+constexpr int64_t kMaxSplits = 32;        // the two-launch path merges partials within one warp
+constexpr int64_t kMinSlice = 1024;       // elements; a block never gets a smaller share
 
 struct Stats {
   float n, mean, m2;
@@ -52,8 +71,8 @@ __device__ __forceinline__ Stats warp_merge(Stats s) {
   return s;
 }
 
-// The block's merged statistics, written by thread 0 to *out.
-__device__ __forceinline__ void store_block_stats(Stats s, Stats* out) {
+// The block's merged statistics, valid in thread 0.
+__device__ __forceinline__ Stats block_merge(Stats s) {
   __shared__ Stats warps[kThreads / 32];
   s = warp_merge(s);
   if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = s;
@@ -61,219 +80,382 @@ __device__ __forceinline__ void store_block_stats(Stats s, Stats* out) {
   if (threadIdx.x < 32) {
     s = threadIdx.x < kThreads / 32 ? warps[threadIdx.x] : Stats{0.f, 0.f, 0.f};
     s = warp_merge(s);
-    if (threadIdx.x == 0) *out = s;
   }
+  return s;
 }
 
-// (mean, rstd) of a group from its gridDim.y partial statistics, for every thread of the block.
-__device__ __forceinline__ float2 group_mean_rstd(const Stats* __restrict__ partial, float eps) {
-  __shared__ float mean_rstd[2];
+// (mean, rstd) of a group from its n <= 32 partial statistics, part(0) ... part(n - 1), merged by
+// warp 0 in a fixed order, for every thread of the block. part is called by threads 0 .. n-1.
+template <typename Part>
+__device__ __forceinline__ float2 group_mean_rstd(int n, Part part, float eps) {
+  __shared__ float2 mean_rstd;
   if (threadIdx.x < 32) {
-    Stats s = threadIdx.x < gridDim.y ? partial[threadIdx.x] : Stats{0.f, 0.f, 0.f};
+    Stats s = static_cast<int>(threadIdx.x) < n ? part(threadIdx.x) : Stats{0.f, 0.f, 0.f};
     s = warp_merge(s);
-    if (threadIdx.x == 0) {
-      mean_rstd[0] = s.mean;
-      mean_rstd[1] = 1.f / sqrtf(s.m2 / s.n + eps);
-    }
+    if (threadIdx.x == 0) mean_rstd = make_float2(s.mean, 1.f / sqrtf(s.m2 / s.n + eps));
   }
   __syncthreads();
-  return make_float2(mean_rstd[0], mean_rstd[1]);
+  return mean_rstd;
 }
 
-__device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
-
-// The element j of a group (in the group's storage order) and its channel within the group.
-template <bool CHANNELS_LAST>
-struct GroupIndex {
-  int64_t base;  // offset of the group's first element
-  int64_t C, S, cpg;
-  __device__ __forceinline__ int64_t offset(int64_t j) const {
-    return CHANNELS_LAST ? base + (j / cpg) * C + j % cpg : base + j;
-  }
-  __device__ __forceinline__ int64_t channel(int64_t j) const {
-    return CHANNELS_LAST ? j % cpg : j / S;
-  }
-};
-
-template <bool CHANNELS_LAST>
-__device__ __forceinline__ GroupIndex<CHANNELS_LAST> group_index(int64_t bg, int64_t C, int64_t S,
-                                                                 int64_t G) {
-  const int64_t b = bg / G, c0 = (bg % G) * (C / G);
-  const int64_t base = CHANNELS_LAST ? b * S * C + c0 : (b * C + c0) * S;
-  return {base, C, S, C / G};
-}
-
-template <typename scalar_t, bool CHANNELS_LAST>
-__device__ __forceinline__ float load_h(const scalar_t* __restrict__ x,
-                                        const scalar_t* __restrict__ res, int residual_kind,
-                                        const GroupIndex<CHANNELS_LAST>& g, int64_t bg, int64_t G,
-                                        int64_t j, int64_t i) {
-  float v = static_cast<float>(x[i]);
-  if (residual_kind == static_cast<int>(ResidualKind::kPerChannel)) {
-    const int64_t b = bg / G, c = (bg % G) * g.cpg + g.channel(j);
-    v += static_cast<float>(res[b * g.C + c]);
-  } else if (residual_kind == static_cast<int>(ResidualKind::kFull)) {
-    v += static_cast<float>(res[i]);
-  }
-  return v;
-}
-
-template <typename scalar_t, bool CHANNELS_LAST>
-__global__ void __launch_bounds__(kThreads)
-    stats_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                 int residual_kind, int64_t C, int64_t S, int64_t G, int64_t chunk,
-                 Stats* __restrict__ partial) {
-  const int64_t bg = blockIdx.x;
-  const auto g = group_index<CHANNELS_LAST>(bg, C, S, G);
-  const int64_t start = blockIdx.y * chunk, stop = start + chunk, n = g.cpg * S;
-  const int64_t end = stop < n ? stop : n;
-  Stats s{0.f, 0.f, 0.f};
-  for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
-    const float v = load_h(x, res, residual_kind, g, bg, G, j, g.offset(j));
-    s.n += 1.f;
-    const float d = v - s.mean;
-    s.mean += d / s.n;
-    s.m2 += d * (v - s.mean);
-  }
-  store_block_stats(s, partial + bg * gridDim.y + blockIdx.y);
-}
-
-template <typename scalar_t, bool CHANNELS_LAST>
-__global__ void __launch_bounds__(kThreads)
-    apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                 int residual_kind, const scalar_t* __restrict__ scale_shift,
-                 const float* __restrict__ weight, const float* __restrict__ bias,
-                 scalar_t* __restrict__ y, int64_t C, int64_t S, int64_t G, int64_t chunk,
-                 const Stats* __restrict__ partial, float eps) {
-  const int64_t bg = blockIdx.x;
-  const auto g = group_index<CHANNELS_LAST>(bg, C, S, G);
-  const float2 mr = group_mean_rstd(partial + bg * gridDim.y, eps);
-  const float mean = mr.x, rstd = mr.y;
-  const int64_t b = bg / G, c0 = (bg % G) * g.cpg;
-  const int64_t start = blockIdx.y * chunk, stop = start + chunk, n = g.cpg * S;
-  const int64_t end = stop < n ? stop : n;
-  for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
-    const int64_t i = g.offset(j), c = c0 + g.channel(j);
-    float v = load_h(x, res, residual_kind, g, bg, G, j, i);
-    v = (v - mean) * (weight[c] * rstd) + bias[c];
-    if (scale_shift != nullptr) {
-      v = v * (1.f + static_cast<float>(scale_shift[b * 2 * C + c])) +
-          static_cast<float>(scale_shift[b * 2 * C + C + c]);
-    }
-    y[i] = static_cast<scalar_t>(silu(v));
+// silu(v) = v sigmoid(v): exact for fp32 output; for 16-bit output with the hardware's exp2 and
+// reciprocal (a few fp32 ulps, far below the output's rounding) at a tenth of the instructions.
+template <typename T>
+__device__ __forceinline__ float silu(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v / (1.f + expf(-v));
+  } else {
+    return __fdividef(v, 1.f + __expf(-v));
   }
 }
-
-// --- the vector path -----------------------------------------------------------------------
 
 template <typename T>
-struct alignas(16) Vec {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
+struct Params {
+  const T* x;
+  const T* residual;     // nullptr, (B, C) or x-shaped in x's layout
+  const T* scale_shift;  // nullptr or (B, 2C)
+  const float* weight;
+  const float* bias;
+  T* y;
+  Stats* partial;  // the two-launch path's workspace: one entry per block
+  int64_t C, S, G;
+  int64_t chunk;  // elements per block (a multiple of the run length)
+  int splits;     // blocks per group
+  int residual_kind;
+  float eps;
 };
 
-// A group whose elements j (storage order, j % V == 0) start 16-byte runs of one memory row: V
-// positions of one channel (NCHW) or V channels of one position (channels_last). 32-bit index
-// arithmetic: the group has fewer than 2^31 elements.
-template <bool CHANNELS_LAST>
-struct VecGroup {
-  int64_t base, C;
-  uint32_t S, cpg;
-  __device__ __forceinline__ int64_t offset(uint32_t j) const {
+template <typename T, int R>
+struct alignas(sizeof(T) * R) Run {
+  T v[R];
+};
+
+// Registers per thread for CACHE cached runs (one unused slot when there is none).
+template <int CACHE>
+constexpr int kSlots = CACHE > 0 ? CACHE : 1;
+
+// Runs of 16 bytes index within a group in 32 bits (the host sends groups of 2^31 elements or
+// more down the R = 1 path).
+template <int R>
+using GroupIndex = std::conditional_t<(R > 1), uint32_t, int64_t>;
+
+// One group: element j in the group's storage order (channel-major in NCHW, position-major in
+// channels_last) and where it lives. A run starts at a multiple of R and stays in one memory row.
+template <bool CHANNELS_LAST, typename Index>
+struct Group {
+  int64_t base;  // offset of the group's first element
+  int64_t b, c0;  // batch, first channel
+  int64_t C;
+  Index S, cpg, n;  // positions, channels per group, elements
+  __device__ __forceinline__ int64_t offset(Index j) const {
     return CHANNELS_LAST ? base + static_cast<int64_t>(j / cpg) * C + j % cpg : base + j;
   }
-  // the channel (within the group) of the run's first element
-  __device__ __forceinline__ uint32_t channel(uint32_t j) const {
-    return CHANNELS_LAST ? j % cpg : j / S;
+  // the channel of element j (the first of its run's channels in channels_last)
+  __device__ __forceinline__ int64_t channel(Index j) const {
+    return c0 + (CHANNELS_LAST ? j % cpg : j / S);
   }
 };
 
-template <bool CHANNELS_LAST>
-__device__ __forceinline__ VecGroup<CHANNELS_LAST> vec_group(int64_t bg, int64_t C, int64_t S,
-                                                             int64_t G) {
-  const auto g = group_index<CHANNELS_LAST>(bg, C, S, G);
-  return {g.base, C, static_cast<uint32_t>(S), static_cast<uint32_t>(g.cpg)};
+template <bool CHANNELS_LAST, typename Index, typename T>
+__device__ __forceinline__ Group<CHANNELS_LAST, Index> group_of(const Params<T>& p, int64_t bg) {
+  const int64_t b = bg / p.G, cpg = p.C / p.G, c0 = (bg % p.G) * cpg;
+  const int64_t base = CHANNELS_LAST ? b * p.S * p.C + c0 : (b * p.C + c0) * p.S;
+  return {base, b, c0, p.C, static_cast<Index>(p.S), static_cast<Index>(cpg),
+          static_cast<Index>(cpg * p.S)};
 }
 
-// h = x (+ residual) for the V elements of the run at group element j (memory offset i).
-template <typename T, bool CHANNELS_LAST>
-__device__ __forceinline__ void load_run(const T* __restrict__ x, const T* __restrict__ res,
-                                         int residual_kind, const VecGroup<CHANNELS_LAST>& g,
-                                         int64_t b, int64_t c0, uint32_t j, int64_t i,
-                                         float (&h)[Vec<T>::kSize]) {
-  constexpr int V = Vec<T>::kSize;
-  const Vec<T> xv = *reinterpret_cast<const Vec<T>*>(x + i);
+// The run's values of a per-channel vector (weight, bias, scale, shift, a (B, C) residual) from
+// the entry of its first channel: R consecutive channels in channels_last, as 16-byte vectors
+// (the host checked alignment); the one channel of the run in NCHW.
+template <int R, bool CL, typename U>
+__device__ __forceinline__ void per_channel(const U* v, float (&out)[R]) {
+  if constexpr (CL && R > 1) {
+    constexpr int kPer = 16 / sizeof(U);
+    static_assert(R % kPer == 0, "a run covers whole 16-byte vectors of per-channel values");
 #pragma unroll
-  for (int k = 0; k < V; ++k) h[k] = static_cast<float>(xv.v[k]);
-  if (residual_kind == static_cast<int>(ResidualKind::kFull)) {
-    const Vec<T> rv = *reinterpret_cast<const Vec<T>*>(res + i);
+    for (int q = 0; q < R / kPer; ++q) {
+      const Run<U, kPer> r = reinterpret_cast<const Run<U, kPer>*>(v)[q];
 #pragma unroll
-    for (int k = 0; k < V; ++k) h[k] += static_cast<float>(rv.v[k]);
-  } else if (residual_kind == static_cast<int>(ResidualKind::kPerChannel)) {
-    const T* r = res + b * g.C + c0 + g.channel(j);
-#pragma unroll
-    for (int k = 0; k < V; ++k) h[k] += static_cast<float>(r[CHANNELS_LAST ? k : 0]);
-  }
-}
-
-template <typename T, bool CHANNELS_LAST>
-__global__ void __launch_bounds__(kThreads)
-    stats_vec_kernel(const T* __restrict__ x, const T* __restrict__ res, int residual_kind,
-                     int64_t C, int64_t S, int64_t G, int64_t chunk, Stats* __restrict__ partial) {
-  constexpr int V = Vec<T>::kSize;
-  const int64_t bg = blockIdx.x, b = bg / G, c0 = (bg % G) * (C / G);
-  const auto g = vec_group<CHANNELS_LAST>(bg, C, S, G);
-  const uint32_t n = g.cpg * g.S, start = blockIdx.y * chunk;
-  const uint32_t end = start + chunk < n ? start + chunk : n;
-  Stats s{0.f, 0.f, 0.f};
-  for (uint32_t j = start + threadIdx.x * V; j < end; j += kThreads * V) {
-    float h[V];
-    load_run<T, CHANNELS_LAST>(x, res, residual_kind, g, b, c0, j, g.offset(j), h);
-    // the run's own (count, mean, M2), merged in: one division per run
-    float sum = 0.f, m2 = 0.f;
-#pragma unroll
-    for (int k = 0; k < V; ++k) sum += h[k];
-    const float mean = sum * (1.f / V);  // exact: V is a power of two
-#pragma unroll
-    for (int k = 0; k < V; ++k) m2 += (h[k] - mean) * (h[k] - mean);
-    s = merge(s, Stats{static_cast<float>(V), mean, m2});
-  }
-  store_block_stats(s, partial + bg * gridDim.y + blockIdx.y);
-}
-
-template <typename T, bool CHANNELS_LAST>
-__global__ void __launch_bounds__(kThreads)
-    apply_vec_kernel(const T* __restrict__ x, const T* __restrict__ res, int residual_kind,
-                     const T* __restrict__ scale_shift, const float* __restrict__ weight,
-                     const float* __restrict__ bias, T* __restrict__ y, int64_t C, int64_t S,
-                     int64_t G, int64_t chunk, const Stats* __restrict__ partial, float eps) {
-  constexpr int V = Vec<T>::kSize;
-  const int64_t bg = blockIdx.x, b = bg / G, c0 = (bg % G) * (C / G);
-  const auto g = vec_group<CHANNELS_LAST>(bg, C, S, G);
-  const float2 mr = group_mean_rstd(partial + bg * gridDim.y, eps);
-  const float mean = mr.x, rstd = mr.y;
-  const uint32_t n = g.cpg * g.S, start = blockIdx.y * chunk;
-  const uint32_t end = start + chunk < n ? start + chunk : n;
-  for (uint32_t j = start + threadIdx.x * V; j < end; j += kThreads * V) {
-    const int64_t i = g.offset(j), c_first = c0 + g.channel(j);
-    float h[V];
-    load_run<T, CHANNELS_LAST>(x, res, residual_kind, g, b, c0, j, i, h);
-    Vec<T> out;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int64_t c = c_first + (CHANNELS_LAST ? k : 0);
-      float v = (h[k] - mean) * (weight[c] * rstd) + bias[c];
-      if (scale_shift != nullptr) {
-        v = v * (1.f + static_cast<float>(scale_shift[b * 2 * C + c])) +
-            static_cast<float>(scale_shift[b * 2 * C + C + c]);
-      }
-      out.v[k] = static_cast<T>(silu(v));
+      for (int k = 0; k < kPer; ++k) out[q * kPer + k] = static_cast<float>(r.v[k]);
     }
-    *reinterpret_cast<Vec<T>*>(y + i) = out;
+  } else {
+    const float one = static_cast<float>(*v);
+#pragma unroll
+    for (int k = 0; k < R; ++k) out[k] = one;
   }
 }
 
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// h = x (+ residual) for the run at group element j.
+template <int R, bool CL, typename Index, typename T>
+__device__ __forceinline__ void load_run(const Params<T>& p, const Group<CL, Index>& g, Index j,
+                                         float (&h)[R]) {
+  const int64_t i = g.offset(j);
+  const Run<T, R> xv = *reinterpret_cast<const Run<T, R>*>(p.x + i);
+#pragma unroll
+  for (int k = 0; k < R; ++k) h[k] = static_cast<float>(xv.v[k]);
+  if (p.residual_kind == static_cast<int>(ResidualKind::kFull)) {
+    const Run<T, R> rv = *reinterpret_cast<const Run<T, R>*>(p.residual + i);
+#pragma unroll
+    for (int k = 0; k < R; ++k) h[k] += static_cast<float>(rv.v[k]);
+  } else if (p.residual_kind == static_cast<int>(ResidualKind::kPerChannel)) {
+    float r[R];
+    per_channel<R, CL>(p.residual + g.b * g.C + g.channel(j), r);
+#pragma unroll
+    for (int k = 0; k < R; ++k) h[k] += r[k];
+  }
+}
+
+// silu(normalised and conditioned h) for the run at group element j, written to y.
+template <int R, bool CL, typename Index, typename T>
+__device__ __forceinline__ void store_run(const Params<T>& p, const Group<CL, Index>& g, Index j,
+                                          const float (&h)[R], float mean, float rstd) {
+  const int64_t c = g.channel(j);
+  float w[R], b[R], scale[R], shift[R];
+  per_channel<R, CL>(p.weight + c, w);
+  per_channel<R, CL>(p.bias + c, b);
+  if (p.scale_shift != nullptr) {
+    const T* ss = p.scale_shift + g.b * 2 * g.C + c;
+    per_channel<R, CL>(ss, scale);
+    per_channel<R, CL>(ss + g.C, shift);
+  }
+  Run<T, R> out;
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    float v = (h[k] - mean) * (w[k] * rstd) + b[k];
+    if (p.scale_shift != nullptr) v = v * (1.f + scale[k]) + shift[k];
+    out.v[k] = static_cast<T>(silu<T>(v));
+  }
+  if constexpr (sizeof(out) == 16) {
+    // one 128-bit store, spelled out: NVVM splits a 16-byte struct (or uint4) store of 16-bit
+    // values into four 32-bit stores in some loops
+    uint4 bits;
+    memcpy(&bits, &out, sizeof(bits));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p.y + g.offset(j)),
+                 "r"(bits.x), "r"(bits.y), "r"(bits.z), "r"(bits.w));
+  } else {
+    *reinterpret_cast<Run<T, R>*>(p.y + g.offset(j)) = out;
+  }
+}
+
+// The run's own (count, mean, M2): one division per run when merged.
+template <int R>
+__device__ __forceinline__ Stats run_stats(const float (&h)[R]) {
+  float sum = 0.f, m2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < R; ++k) sum += h[k];
+  const float mean = sum * (1.f / R);  // exact: R is a power of two
+#pragma unroll
+  for (int k = 0; k < R; ++k) m2 += (h[k] - mean) * (h[k] - mean);
+  return {static_cast<float>(R), mean, m2};
+}
+
+// A block's slice [start, end) of a group: thread t takes the runs at start + (t + i kThreads) R,
+// i = 0, 1, ...; the first CACHE of them stay in `cache` for the write. Their statistics come
+// from the registers in two passes (mean, then the squares about it: one division per thread);
+// each run after them is merged in as it streams past.
+template <int CACHE, int R, bool CL, typename Index, typename T>
+__device__ __forceinline__ Stats slice_stats(const Params<T>& p, const Group<CL, Index>& g,
+                                             Index start, Index end,
+                                             float (&cache)[kSlots<CACHE>][R]) {
+  constexpr Index step = kThreads * R;
+  const Index first = start + threadIdx.x * R;
+  Stats s{0.f, 0.f, 0.f};
+  if constexpr (CACHE > 0) {
+    // every cached load issued before the first is used
+#pragma unroll
+    for (int i = 0; i < CACHE; ++i) {
+      if (first + i * step < end) load_run<R>(p, g, first + i * step, cache[i]);
+    }
+    float sum = 0.f;
+    int runs = 0;
+#pragma unroll
+    for (int i = 0; i < CACHE; ++i) {
+      if (first + i * step < end) {
+        ++runs;
+#pragma unroll
+        for (int k = 0; k < R; ++k) sum += cache[i][k];
+      }
+    }
+    if (runs > 0) {
+      s.n = static_cast<float>(runs * R);
+      s.mean = sum / s.n;
+#pragma unroll
+      for (int i = 0; i < CACHE; ++i) {
+        if (first + i * step < end) {
+#pragma unroll
+          for (int k = 0; k < R; ++k) s.m2 += (cache[i][k] - s.mean) * (cache[i][k] - s.mean);
+        }
+      }
+    }
+  }
+  for (Index j = first + CACHE * step; j < end; j += step) {
+    float h[R];
+    load_run<R>(p, g, j, h);
+    s = merge(s, run_stats<R>(h));
+  }
+  return s;
+}
+
+template <int CACHE, int R, bool CL, typename Index, typename T>
+__device__ __forceinline__ void slice_apply(const Params<T>& p, const Group<CL, Index>& g,
+                                            Index start, Index end,
+                                            const float (&cache)[kSlots<CACHE>][R],
+                                            float2 mean_rstd) {
+  constexpr Index step = kThreads * R;
+  const Index first = start + threadIdx.x * R;
+#pragma unroll
+  for (int i = 0; i < CACHE; ++i) {
+    const Index j = first + i * step;
+    if (j < end) store_run<R>(p, g, j, cache[i], mean_rstd.x, mean_rstd.y);
+  }
+  for (Index j = first + CACHE * step; j < end; j += step) {
+    float h[R];
+    load_run<R>(p, g, j, h);
+    store_run<R>(p, g, j, h, mean_rstd.x, mean_rstd.y);
+  }
+}
+
+// Block blockIdx.x takes slice blockIdx.x % splits, [start, end), of group blockIdx.x / splits.
+template <bool CL, typename Index>
+struct Slice {
+  Group<CL, Index> group;
+  int64_t bg;  // batch x groups + group
+  Index start, end;
+};
+
+template <bool CL, int R, typename T>
+__device__ __forceinline__ Slice<CL, GroupIndex<R>> block_slice(const Params<T>& p) {
+  using Index = GroupIndex<R>;
+  const int64_t bg = blockIdx.x / p.splits;
+  const auto g = group_of<CL, Index>(p, bg);
+  const auto start = static_cast<Index>((blockIdx.x % p.splits) * p.chunk);
+  const auto stop = start + static_cast<Index>(p.chunk);
+  return {g, bg, start, stop < g.n ? stop : g.n};
+}
+
+template <typename T, bool CL, int R, int CACHE>
+__global__ void __launch_bounds__(kThreads) group_norm_silu_kernel(const Params<T> p) {
+  const auto sl = block_slice<CL, R>(p);
+  float cache[CACHE][R];
+  const Stats s = block_merge(slice_stats<CACHE, R>(p, sl.group, sl.start, sl.end, cache));
+  float2 mean_rstd;
+  if (p.splits == 1) {
+    mean_rstd = group_mean_rstd(1, [&](int) { return s; }, p.eps);
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    __shared__ Stats block_stats;
+    if (threadIdx.x == 0) block_stats = s;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every block's statistics are in its shared memory
+    mean_rstd = group_mean_rstd(
+        p.splits, [&](int rank) { return *cluster.map_shared_rank(&block_stats, rank); }, p.eps);
+    cluster.sync();  // no block exits, releasing its shared memory, while another reads it
+#elif defined(__CUDA_ARCH__)
+    __trap();  // the host splits groups over clusters only where sm_90 code runs
+#endif
+  }
+  slice_apply<CACHE, R>(p, sl.group, sl.start, sl.end, cache, mean_rstd);
+}
+
+// The two-launch path: statistics of every slice into p.partial, then apply.
+template <typename T, bool CL, int R>
+__global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(const Params<T> p) {
+  const auto sl = block_slice<CL, R>(p);
+  float none[1][R];
+  const Stats s = block_merge(slice_stats<0, R>(p, sl.group, sl.start, sl.end, none));
+  if (threadIdx.x == 0) p.partial[blockIdx.x] = s;
+}
+
+template <typename T, bool CL, int R>
+__global__ void __launch_bounds__(kThreads) group_norm_apply_kernel(const Params<T> p) {
+  const auto sl = block_slice<CL, R>(p);
+  const Stats* partial = p.partial + sl.bg * p.splits;
+  const float2 mean_rstd = group_mean_rstd(p.splits, [&](int i) { return partial[i]; }, p.eps);
+  float none[1][R];
+  slice_apply<0, R>(p, sl.group, sl.start, sl.end, none, mean_rstd);
+}
+
+// --- the host side -----------------------------------------------------------------------------
+
+// How one call is launched: `splits` blocks per group of `chunk` elements each; `cache` runs per
+// thread held in registers by the one-kernel path, 0 for the two-launch path.
+struct Plan {
+  int64_t splits, chunk;
+  int cache;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Enough blocks for ~4 per SM, no slice under kMinSlice elements; clusters of at most 8 blocks.
+Plan plan_launch(int64_t groups_total, int64_t group_size, int64_t run, int64_t sms,
+                 bool clusters) {
+  const int64_t wanted = std::max<int64_t>(
+      1, std::min(ceil_div(4 * sms, groups_total), ceil_div(group_size, kMinSlice)));
+  const bool one_kernel = clusters || wanted == 1;
+  int64_t splits = std::min(wanted, one_kernel ? kMaxClusterSplits : kMaxSplits);
+  const int64_t chunk = ceil_div(ceil_div(group_size, splits), run) * run;
+  splits = ceil_div(group_size, chunk);  // no empty slice
+  int cache = 0;
+  if (one_kernel) {
+    const int64_t runs = ceil_div(chunk, kThreads * run);  // per thread
+    cache = run == 1 || runs > 4 ? 8 : runs > 2 ? 4 : static_cast<int>(runs);
+  }
+  return {splits, chunk, cache};
+}
+
+// Whether the device runs this build's sm_90 (or later) code, i.e. can launch clusters (asked of
+// the CUDA runtime once per device), and FASTDIFF_CUDA_CLUSTERS=0 does not turn them off (which
+// runs the kernels as on a GPU before Hopper).
+bool device_runs_clusters(int device) {
+  const char* env = std::getenv("FASTDIFF_CUDA_CLUSTERS");
+  if (env != nullptr && std::string_view(env) == "0") return false;
+  static std::atomic<int8_t> known[64] = {};  // 0: not asked yet, 1: yes, 2: no
+  if (device < 64 && known[device].load() != 0) return known[device].load() == 1;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, group_norm_silu_kernel<float, false, 1, 8>));
+  const bool yes = attributes.binaryVersion >= 90 &&
+                   at::cuda::getDeviceProperties(device)->major >= 9;
+  if (device < 64) known[device].store(yes ? 1 : 2);
+  return yes;
+}
+
+template <typename Kernel, typename T>
+void launch_clusters(Kernel kernel, int64_t blocks, int64_t cluster, cudaStream_t stream,
+                     const Params<T>& p) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  if (cluster > 1) {
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+}
+
+template <typename T, bool CL, int R>
+void launch(const Params<T>& p, const Plan& plan, int64_t blocks, cudaStream_t stream) {
+  if (plan.cache == 0) {
+    group_norm_stats_kernel<T, CL, R><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    group_norm_apply_kernel<T, CL, R><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if constexpr (R == 1) {
+    launch_clusters(group_norm_silu_kernel<T, CL, R, 8>, blocks, plan.splits, stream, p);
+  } else {
+    const auto kernel = plan.cache == 1   ? group_norm_silu_kernel<T, CL, R, 1>
+                        : plan.cache == 2 ? group_norm_silu_kernel<T, CL, R, 2>
+                        : plan.cache == 4 ? group_norm_silu_kernel<T, CL, R, 4>
+                                          : group_norm_silu_kernel<T, CL, R, 8>;
+    launch_clusters(kernel, blocks, plan.splits, stream, p);
+  }
+}
 
 at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups, const at::Tensor& weight,
                                 const at::Tensor& bias, double eps,
@@ -285,57 +467,54 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups, const a
               x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
-  const int64_t groups_total = a.batch * a.groups, group_size = a.channels_per_group() * a.spatial;
   if (out.numel() == 0) return out;
+  const int64_t groups_total = a.batch * a.groups, group_size = a.channels_per_group() * a.spatial;
 
   const int64_t V = 16 / static_cast<int64_t>(x.element_size());
+  const auto aligned = [](const at::Tensor& t) {
+    return !t.defined() || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  };
   const bool vector =
       group_size < (int64_t{1} << 31) &&
-      (a.channels_last ? a.channels % V == 0 && a.channels_per_group() % V == 0
+      (a.channels_last ? a.channels % V == 0 && a.channels_per_group() % V == 0 &&
+                             aligned(a.weight) && aligned(a.bias) && aligned(a.scale_shift)
                        : a.spatial % V == 0) &&
-      aligned16(a.x.const_data_ptr()) && aligned16(out.const_data_ptr()) &&
-      (a.residual_kind != ResidualKind::kFull || aligned16(a.residual.const_data_ptr()));
-  // enough blocks for ~4 waves of the SMs, but no slice under 2048 elements; on the vector path
-  // slices start on a run (chunk % V == 0)
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t splits = std::max<int64_t>(1, (4 * sms + groups_total - 1) / groups_total);
-  splits = std::min({splits, static_cast<int64_t>(kMaxSplits), (group_size + 2047) / 2048});
-  splits = std::max<int64_t>(splits, 1);
-  int64_t chunk = (group_size + splits - 1) / splits;
-  if (vector) chunk = (chunk + V - 1) / V * V;
-  splits = (group_size + chunk - 1) / chunk;  // no empty slice
-  TORCH_CHECK(groups_total < (int64_t{1} << 31), "fastdiff::group_norm_silu_fwd: too many groups");
-
-  at::Tensor partial =
-      at::empty({groups_total * splits * 3}, x.options().dtype(at::kFloat));
-  Stats* partial_ptr = reinterpret_cast<Stats*>(partial.mutable_data_ptr<float>());
-  const dim3 grid(static_cast<unsigned>(groups_total), static_cast<unsigned>(splits));
+      aligned(a.x) && aligned(out) && aligned(a.residual);
+  const int device = x.get_device();
+  const Plan plan =
+      plan_launch(groups_total, group_size, vector ? V : 1,
+                  at::cuda::getDeviceProperties(device)->multiProcessorCount,
+                  device_runs_clusters(device));
+  const int64_t blocks = groups_total * plan.splits;
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "fastdiff::group_norm_silu_fwd: ", groups_total,
+              " groups (batch x num_groups) are more than one launch can take");
+  at::Tensor partial;
+  if (plan.cache == 0) partial = at::empty({blocks * 3}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int residual_kind = static_cast<int>(a.residual_kind);
 
   FASTDIFF_DISPATCH_FLOAT(x.scalar_type(), "fastdiff::group_norm_silu_fwd", [&] {
-    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
-    const scalar_t* rp = a.residual.defined() ? a.residual.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* ssp =
-        a.scale_shift.defined() ? a.scale_shift.const_data_ptr<scalar_t>() : nullptr;
-    const float* wp = a.weight.const_data_ptr<float>();
-    const float* bp = a.bias.const_data_ptr<float>();
-    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-    const auto launch = [&](auto channels_last) {
-      constexpr bool CL = decltype(channels_last)::value;
-      const auto stats = vector ? stats_vec_kernel<scalar_t, CL> : stats_kernel<scalar_t, CL>;
-      const auto apply = vector ? apply_vec_kernel<scalar_t, CL> : apply_kernel<scalar_t, CL>;
-      stats<<<grid, kThreads, 0, stream>>>(xp, rp, residual_kind, a.channels, a.spatial,
-                                           a.groups, chunk, partial_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      apply<<<grid, kThreads, 0, stream>>>(xp, rp, residual_kind, ssp, wp, bp, yp, a.channels,
-                                           a.spatial, a.groups, chunk, partial_ptr, a.eps);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
+    const Params<scalar_t> p{
+        a.x.const_data_ptr<scalar_t>(),
+        a.residual.defined() ? a.residual.const_data_ptr<scalar_t>() : nullptr,
+        a.scale_shift.defined() ? a.scale_shift.const_data_ptr<scalar_t>() : nullptr,
+        a.weight.const_data_ptr<float>(),
+        a.bias.const_data_ptr<float>(),
+        out.mutable_data_ptr<scalar_t>(),
+        partial.defined() ? reinterpret_cast<Stats*>(partial.mutable_data_ptr<float>()) : nullptr,
+        a.channels,
+        a.spatial,
+        a.groups,
+        plan.chunk,
+        static_cast<int>(plan.splits),
+        static_cast<int>(a.residual_kind),
+        a.eps};
+    constexpr int kVector = 16 / sizeof(scalar_t);
     if (a.channels_last) {
-      launch(std::true_type{});
+      vector ? launch<scalar_t, true, kVector>(p, plan, blocks, stream)
+             : launch<scalar_t, true, 1>(p, plan, blocks, stream);
     } else {
-      launch(std::false_type{});
+      vector ? launch<scalar_t, false, kVector>(p, plan, blocks, stream)
+             : launch<scalar_t, false, 1>(p, plan, blocks, stream);
     }
   });
   return out;

@@ -6,12 +6,14 @@ result against the reference so that a run is also a correctness check:
     python3 scripts/sanitize_kernels.py --backend cpu     # the same calls on the C++ CPU kernels
 
 Shapes: 1823 elements (no multiple of any vector width), 3x5x7x11, 2x4x64x64; fp32/fp16/bf16;
-NCHW and channels_last; every sampler (with and without history, noise, guidance and clamp).
+NCHW and channels_last; every sampler (with and without history, noise, guidance and clamp);
+GroupNorm+SiLU on both run paths, with and without thread block clusters.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -72,15 +74,20 @@ def run_step(dev: torch.device, backend: str) -> int:
     return calls
 
 
-def run_group_norm(dev: torch.device, backend: str) -> int:
+# odd sizes (element-wise path); 16-byte runs in NCHW only, and in both layouts (vector path);
+# two large groups, each split over a cluster of blocks, more runs than the registers hold
+GROUP_NORM_SHAPES = [
+    ((1, 8, 5, 7), 4),
+    ((2, 64, 33, 17), 32),
+    ((2, 320, 16, 16), 32),
+    ((2, 256, 8, 8), 16),
+    ((1, 64, 96, 96), 2),
+    ((1, 60, 45, 47), 2),
+]
+
+
+def run_group_norm(dev: torch.device, backend: str, shapes=GROUP_NORM_SHAPES) -> int:
     calls = 0
-    # odd sizes (element-wise path); 16-byte runs in NCHW only, and in both layouts (vector path)
-    shapes = [
-        ((1, 8, 5, 7), 4),
-        ((2, 64, 33, 17), 32),
-        ((2, 320, 16, 16), 32),
-        ((2, 256, 8, 8), 16),
-    ]
     for shape, groups in shapes:
         for dtype in DTYPES:
             for channels_last in (False, True):
@@ -97,6 +104,15 @@ def run_group_norm(dev: torch.device, backend: str) -> int:
     return calls
 
 
+def run_group_norm_without_clusters(dev: torch.device, backend: str) -> int:
+    """The two large groups again, as on a GPU before Hopper: the two-launch path."""
+    os.environ["FASTDIFF_CUDA_CLUSTERS"] = "0"
+    try:
+        return run_group_norm(dev, backend, GROUP_NORM_SHAPES[-2:])
+    finally:
+        del os.environ["FASTDIFF_CUDA_CLUSTERS"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=["cuda", "triton", "cpu"], default="cuda")
@@ -106,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sanitize_kernels.py: --backend {args.backend} needs a CUDA device", file=sys.stderr)
         return 2
     steps, norms = run_step(dev, args.backend), run_group_norm(dev, args.backend)
+    norms += run_group_norm_without_clusters(dev, args.backend)
     print(f"{args.backend}: step {steps} calls, group_norm_silu {norms} calls, all equal")
     return 0
 

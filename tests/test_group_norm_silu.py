@@ -1,6 +1,7 @@
 """fastdiff.ops.group_norm_silu: every backend against the fp64 reference under DESIGN.md's
 tolerance rule (NCHW and channels_last; residual and scale-shift conditioning; groups of 3 and
-10 channels that fill no warp evenly; groups larger than one tile), the reference against
+10 channels that fill no warp evenly; groups larger than one tile; two groups, each spread over
+many blocks), the reference against
 torch.nn.GroupNorm, dispatch, opcheck and the registered gradients."""
 
 import pytest
@@ -106,6 +107,32 @@ def test_16_byte_runs(backend, dtype, conditioning, channels_last):
     assert shifted.is_contiguous(memory_format=fmt) and shifted.data_ptr() % 16
     shifted.copy_(x)
     check_backend(backend, (shifted, *args[1:]), cond)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 64, 96, 96), (1, 60, 45, 47)], ids=["16-byte-runs", "elementwise"]
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_two_large_groups(backend, dtype, shape, channels_last):
+    """Two groups of 64k-300k elements: on a GPU the CUDA kernel splits each group over a
+    cluster of blocks that merge their statistics, and holds more runs per thread than its
+    registers can (the rest are read twice); both run layouts."""
+    check_backend(backend, *inputs(shape, 2, dtype, "residual", channels_last))
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 96, 96), (1, 60, 45, 47)], ids=["runs", "elements"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cuda_without_clusters(monkeypatch, shape, channels_last):
+    """FASTDIFF_CUDA_CLUSTERS=0 runs the CUDA kernel as on a GPU before Hopper: few groups take
+    the two-launch path (statistics into a workspace, then apply); many take one block each."""
+    if DEVICE != "cuda":
+        pytest.skip("needs a CUDA device")
+    require("cuda")
+    monkeypatch.setenv("FASTDIFF_CUDA_CLUSTERS", "0")
+    check_backend("cuda", *inputs(shape, 2, torch.float16, "residual", channels_last))
+    check_backend("cuda", *inputs((64, 64, 8, 8), 32, torch.float16, "temb", channels_last))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
