@@ -20,8 +20,8 @@
 // A run is R elements of one memory row that a thread moves together: R = 16 / itemsize (one
 // 16-byte vector) where a group's elements come in such runs (NCHW with H*W a multiple of R;
 // channels_last with C and C/G multiples of R, where the per-channel values of a run are 16-byte
-// vectors too) and every pointer is 16-byte aligned, with 32-bit index arithmetic once per run;
-// otherwise R = 1.
+// vectors too) and every pointer is 16-byte aligned; otherwise R = 1. Index arithmetic within a
+// group is 32-bit, once per run.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -134,14 +134,13 @@ struct alignas(sizeof(T) * R) Run {
 template <int CACHE>
 constexpr int kSlots = CACHE > 0 ? CACHE : 1;
 
-// Runs of 16 bytes index within a group in 32 bits (the host sends groups of 2^31 elements or
-// more down the R = 1 path).
-template <int R>
-using GroupIndex = std::conditional_t<(R > 1), uint32_t, int64_t>;
+// Elements index within a group in 32 bits (the host refuses groups of 2^31 elements or more);
+// offsets into the tensor in 64.
+using Index = uint32_t;
 
 // One group: element j in the group's storage order (channel-major in NCHW, position-major in
 // channels_last) and where it lives. A run starts at a multiple of R and stays in one memory row.
-template <bool CHANNELS_LAST, typename Index>
+template <bool CHANNELS_LAST>
 struct Group {
   int64_t base;  // offset of the group's first element
   int64_t b, c0;  // batch, first channel
@@ -156,8 +155,8 @@ struct Group {
   }
 };
 
-template <bool CHANNELS_LAST, typename Index, typename T>
-__device__ __forceinline__ Group<CHANNELS_LAST, Index> group_of(const Params<T>& p, int64_t bg) {
+template <bool CHANNELS_LAST, typename T>
+__device__ __forceinline__ Group<CHANNELS_LAST> group_of(const Params<T>& p, int64_t bg) {
   const int64_t b = bg / p.G, cpg = p.C / p.G, c0 = (bg % p.G) * cpg;
   const int64_t base = CHANNELS_LAST ? b * p.S * p.C + c0 : (b * p.C + c0) * p.S;
   return {base, b, c0, p.C, static_cast<Index>(p.S), static_cast<Index>(cpg),
@@ -186,8 +185,8 @@ __device__ __forceinline__ void per_channel(const U* v, float (&out)[R]) {
 }
 
 // h = x (+ residual) for the run at group element j.
-template <int R, bool CL, typename Index, typename T>
-__device__ __forceinline__ void load_run(const Params<T>& p, const Group<CL, Index>& g, Index j,
+template <int R, bool CL, typename T>
+__device__ __forceinline__ void load_run(const Params<T>& p, const Group<CL>& g, Index j,
                                          float (&h)[R]) {
   const int64_t i = g.offset(j);
   const Run<T, R> xv = *reinterpret_cast<const Run<T, R>*>(p.x + i);
@@ -206,8 +205,8 @@ __device__ __forceinline__ void load_run(const Params<T>& p, const Group<CL, Ind
 }
 
 // silu(normalised and conditioned h) for the run at group element j, written to y.
-template <int R, bool CL, typename Index, typename T>
-__device__ __forceinline__ void store_run(const Params<T>& p, const Group<CL, Index>& g, Index j,
+template <int R, bool CL, typename T>
+__device__ __forceinline__ void store_run(const Params<T>& p, const Group<CL>& g, Index j,
                                           const float (&h)[R], float mean, float rstd) {
   const int64_t c = g.channel(j);
   float w[R], b[R], scale[R], shift[R];
@@ -253,8 +252,8 @@ __device__ __forceinline__ Stats run_stats(const float (&h)[R]) {
 // i = 0, 1, ...; the first CACHE of them stay in `cache` for the write. Their statistics come
 // from the registers in two passes (mean, then the squares about it: one division per thread);
 // each run after them is merged in as it streams past.
-template <int CACHE, int R, bool CL, typename Index, typename T>
-__device__ __forceinline__ Stats slice_stats(const Params<T>& p, const Group<CL, Index>& g,
+template <int CACHE, int R, bool CL, typename T>
+__device__ __forceinline__ Stats slice_stats(const Params<T>& p, const Group<CL>& g,
                                              Index start, Index end,
                                              float (&cache)[kSlots<CACHE>][R]) {
   constexpr Index step = kThreads * R;
@@ -296,8 +295,8 @@ __device__ __forceinline__ Stats slice_stats(const Params<T>& p, const Group<CL,
   return s;
 }
 
-template <int CACHE, int R, bool CL, typename Index, typename T>
-__device__ __forceinline__ void slice_apply(const Params<T>& p, const Group<CL, Index>& g,
+template <int CACHE, int R, bool CL, typename T>
+__device__ __forceinline__ void slice_apply(const Params<T>& p, const Group<CL>& g,
                                             Index start, Index end,
                                             const float (&cache)[kSlots<CACHE>][R],
                                             float2 mean_rstd) {
@@ -316,18 +315,17 @@ __device__ __forceinline__ void slice_apply(const Params<T>& p, const Group<CL, 
 }
 
 // Block blockIdx.x takes slice blockIdx.x % splits, [start, end), of group blockIdx.x / splits.
-template <bool CL, typename Index>
+template <bool CL>
 struct Slice {
-  Group<CL, Index> group;
+  Group<CL> group;
   int64_t bg;  // batch x groups + group
   Index start, end;
 };
 
 template <bool CL, int R, typename T>
-__device__ __forceinline__ Slice<CL, GroupIndex<R>> block_slice(const Params<T>& p) {
-  using Index = GroupIndex<R>;
+__device__ __forceinline__ Slice<CL> block_slice(const Params<T>& p) {
   const int64_t bg = blockIdx.x / p.splits;
-  const auto g = group_of<CL, Index>(p, bg);
+  const auto g = group_of<CL>(p, bg);
   const auto start = static_cast<Index>((blockIdx.x % p.splits) * p.chunk);
   const auto stop = start + static_cast<Index>(p.chunk);
   return {g, bg, start, stop < g.n ? stop : g.n};
@@ -470,12 +468,14 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups, const a
   if (out.numel() == 0) return out;
   const int64_t groups_total = a.batch * a.groups, group_size = a.channels_per_group() * a.spatial;
 
+  TORCH_CHECK(group_size < (int64_t{1} << 31), "fastdiff::group_norm_silu_fwd: the CUDA kernel ",
+              "takes groups of fewer than 2^31 elements, got ", a.channels_per_group(),
+              " channels x ", a.spatial, " positions; use the triton or reference backend");
   const int64_t V = 16 / static_cast<int64_t>(x.element_size());
   const auto aligned = [](const at::Tensor& t) {
     return !t.defined() || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   };
   const bool vector =
-      group_size < (int64_t{1} << 31) &&
       (a.channels_last ? a.channels % V == 0 && a.channels_per_group() % V == 0 &&
                              aligned(a.weight) && aligned(a.bias) && aligned(a.scale_shift)
                        : a.spatial % V == 0) &&

@@ -165,6 +165,19 @@ def test_dispatch_and_errors():
         group_norm_silu(x, 8, residual=torch.randn(2, 64, 4, dtype=x.dtype))
 
 
+def test_cuda_backend_refuses_groups_of_2_31_elements():
+    """The CUDA kernel indexes within a group in 32 bits: dispatch passes such calls on (asked
+    with fake CUDA tensors, so nothing is allocated)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        w = torch.empty(4, device="cuda")
+        x = torch.empty(1, 4, 2**15, 2**15, dtype=torch.float16, device="cuda")
+        for groups, refused in ((1, True), (2, True), (4, False)):  # 2^32, 2^31, 2^30 elements
+            reasons = GROUP_NORM_SILU.why_not("cuda", x, groups, w, w, 1e-5, None, None)
+            assert any("2^31" in r for r in reasons) == refused, (groups, reasons)
+
+
 def test_opcheck():
     args, cond = inputs((2, 32, 3, 5), 8, torch.float32, "scale_shift", channels_last=True)
     x, groups, w, b = args

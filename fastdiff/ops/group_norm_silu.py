@@ -143,6 +143,15 @@ def _extension_check(x, num_groups, weight, bias, eps, scale_shift, residual) ->
     return []  # a residual in another layout is copied into x's by the kernel's wrapper
 
 
+def _cuda_check(x, num_groups, weight, bias, eps, scale_shift, residual) -> list[str]:
+    reasons = _extension_check(x, num_groups, weight, bias, eps, scale_shift, residual)
+    if x.numel() // (x.shape[0] * num_groups) >= 2**31:
+        reasons.append(
+            "a group of 2^31 or more elements (the CUDA kernel indexes groups in 32 bits)"
+        )
+    return reasons
+
+
 def _extension_group_norm_silu(x, num_groups, weight, bias, eps, scale_shift, residual):
     # the C++ kernels take fp32 affine parameters and conditioning in x's dtype
     w, b = _affine(weight, x, 1.0, torch.float32), _affine(bias, x, 0.0, torch.float32)
@@ -158,7 +167,7 @@ for _backend in (
         _extension_group_norm_silu,
         ("cuda",),
         ready=extension_ready("group_norm_silu_fwd", ("cuda",)),
-        check=_extension_check,
+        check=_cuda_check,
     ),
     triton_backend(_triton_group_norm_silu, check=_triton_check),
     Backend(
