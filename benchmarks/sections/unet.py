@@ -16,6 +16,8 @@ NOTES = (
     "diffusers+fastdiff: diffusers' own model with fastdiff.adapters.diffusers.accelerate() "
     "(fused attention and GroupNorm+SiLU). Presets without a diffusers twin (digits) are "
     "compared with fastdiff's UNet on the reference ops.",
+    "fastdiff channels_last: the same UNet with weights and input in channels_last (NHWC) "
+    "memory order, which cuDNN's tensor-core (and oneDNN's) convolutions use natively.",
 )
 CONTEXT_LEN = 77  # CLIP text tokens, for the cross-attention preset
 # (preset, batch, dtype) per device
@@ -86,6 +88,10 @@ def _case(ctx, preset, batch, dtype) -> Case:
         fn = lambda: _bind(_call, ours(), kw())
         contenders.append(Contender("fastdiff-reference-ops", fn, True, scope=on_reference))
     contenders.append(Contender("fastdiff", lambda: _bind(_call, ours(), kw())))
+    # cuDNN's tensor-core convolutions work in NHWC (NCHW costs transposes); oneDNN's too
+    contenders.append(
+        Contender("fastdiff channels_last", lambda: _bind(_call, *_channels_last(ours(), kw())))
+    )
     if preset in DIFFUSERS_TWINS and not ctx.quick:
         contenders.append(Contender("diffusers+fastdiff", lambda: _accelerated(twin(), kw())))
     return Case(
@@ -100,6 +106,11 @@ def _case(ctx, preset, batch, dtype) -> Case:
 
 def _call(model, x, t, context=None):
     return model(x, t) if context is None else model(x, t, context=context)
+
+
+def _channels_last(model, kw):
+    x = kw["x"].contiguous(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last), dict(kw, x=x)
 
 
 def _bind(fn, model, kw):
