@@ -17,11 +17,11 @@
 // fill the GPU, two launches over a small fp32 workspace do it instead: statistics, then apply
 // (x read twice).
 //
-// A run is R elements of one memory row that a thread moves together: R = 16 / itemsize (one
-// 16-byte vector) where a group's elements come in such runs (NCHW with H*W a multiple of R;
-// channels_last with C and C/G multiples of R, where the per-channel values of a run are 16-byte
-// vectors too) and every pointer is 16-byte aligned; otherwise R = 1. Index arithmetic within a
-// group is 32-bit, once per run.
+// A run is R elements of one memory row that a thread moves together, with every pointer 16-byte
+// aligned: in NCHW one 16-byte vector (R = 16 / itemsize) where H*W is a multiple of it; in
+// channels_last the largest power of two up to that which divides C and C/G (the per-channel
+// values of a run are vectors too); otherwise R = 1. Index arithmetic within a group is 32-bit,
+// once per run.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -164,13 +164,14 @@ __device__ __forceinline__ Group<CHANNELS_LAST> group_of(const Params<T>& p, int
 }
 
 // The run's values of a per-channel vector (weight, bias, scale, shift, a (B, C) residual) from
-// the entry of its first channel: R consecutive channels in channels_last, as 16-byte vectors
-// (the host checked alignment); the one channel of the run in NCHW.
+// the entry of its first channel: R consecutive channels in channels_last, as vectors (the host
+// checked alignment); the one channel of the run in NCHW.
 template <int R, bool CL, typename U>
 __device__ __forceinline__ void per_channel(const U* v, float (&out)[R]) {
   if constexpr (CL && R > 1) {
-    constexpr int kPer = 16 / sizeof(U);
-    static_assert(R % kPer == 0, "a run covers whole 16-byte vectors of per-channel values");
+    // per load: 16 bytes, or the whole run where it is shorter
+    constexpr int kPer = R < 16 / sizeof(U) ? R : 16 / sizeof(U);
+    static_assert(R % kPer == 0, "a run covers whole vectors of per-channel values");
 #pragma unroll
     for (int q = 0; q < R / kPer; ++q) {
       const Run<U, kPer> r = reinterpret_cast<const Run<U, kPer>*>(v)[q];
@@ -224,15 +225,24 @@ __device__ __forceinline__ void store_run(const Params<T>& p, const Group<CL>& g
     if (p.scale_shift != nullptr) v = v * (1.f + scale[k]) + shift[k];
     out.v[k] = static_cast<T>(silu<T>(v));
   }
+  // stored as one 32-, 64- or 128-bit value, spelled out: NVVM splits a struct (or uint4) store
+  // of 16-bit values into narrower stores in some loops
+  T* y = p.y + g.offset(j);
   if constexpr (sizeof(out) == 16) {
-    // one 128-bit store, spelled out: NVVM splits a 16-byte struct (or uint4) store of 16-bit
-    // values into four 32-bit stores in some loops
     uint4 bits;
     memcpy(&bits, &out, sizeof(bits));
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p.y + g.offset(j)),
-                 "r"(bits.x), "r"(bits.y), "r"(bits.z), "r"(bits.w));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(y), "r"(bits.x), "r"(bits.y),
+                 "r"(bits.z), "r"(bits.w));
+  } else if constexpr (sizeof(out) == 8) {
+    uint2 bits;
+    memcpy(&bits, &out, sizeof(bits));
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(y), "r"(bits.x), "r"(bits.y));
+  } else if constexpr (sizeof(out) == 4) {
+    uint32_t bits;
+    memcpy(&bits, &out, sizeof(bits));
+    asm volatile("st.global.b32 [%0], %1;" ::"l"(y), "r"(bits));
   } else {
-    *reinterpret_cast<Run<T, R>*>(p.y + g.offset(j)) = out;
+    *reinterpret_cast<Run<T, R>*>(y) = out;
   }
 }
 
@@ -471,18 +481,25 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups, const a
   TORCH_CHECK(group_size < (int64_t{1} << 31), "fastdiff::group_norm_silu_fwd: the CUDA kernel ",
               "takes groups of fewer than 2^31 elements, got ", a.channels_per_group(),
               " channels x ", a.spatial, " positions; use the triton or reference backend");
+  // the run length: 16 bytes (V elements) in NCHW when H*W allows; in channels_last the
+  // largest power of two up to V that divides C and C/G (SD1.5's 10 and 20 channels per group
+  // give 2 and 4)
   const int64_t V = 16 / static_cast<int64_t>(x.element_size());
   const auto aligned = [](const at::Tensor& t) {
     return !t.defined() || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   };
-  const bool vector =
-      (a.channels_last ? a.channels % V == 0 && a.channels_per_group() % V == 0 &&
-                             aligned(a.weight) && aligned(a.bias) && aligned(a.scale_shift)
-                       : a.spatial % V == 0) &&
-      aligned(a.x) && aligned(out) && aligned(a.residual);
+  int64_t run = 1;
+  if (aligned(a.x) && aligned(out) && aligned(a.residual)) {
+    if (!a.channels_last) {
+      run = a.spatial % V == 0 ? V : 1;
+    } else if (aligned(a.weight) && aligned(a.bias) && aligned(a.scale_shift)) {
+      run = V;
+      while (run > 1 && (a.channels % run != 0 || a.channels_per_group() % run != 0)) run /= 2;
+    }
+  }
   const int device = x.get_device();
   const Plan plan =
-      plan_launch(groups_total, group_size, vector ? V : 1,
+      plan_launch(groups_total, group_size, run,
                   at::cuda::getDeviceProperties(device)->multiProcessorCount,
                   device_runs_clusters(device));
   const int64_t blocks = groups_total * plan.splits;
@@ -509,12 +526,17 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups, const a
         static_cast<int>(a.residual_kind),
         a.eps};
     constexpr int kVector = 16 / sizeof(scalar_t);
-    if (a.channels_last) {
-      vector ? launch<scalar_t, true, kVector>(p, plan, blocks, stream)
-             : launch<scalar_t, true, 1>(p, plan, blocks, stream);
-    } else {
-      vector ? launch<scalar_t, false, kVector>(p, plan, blocks, stream)
-             : launch<scalar_t, false, 1>(p, plan, blocks, stream);
+    if (!a.channels_last) {
+      run == kVector ? launch<scalar_t, false, kVector>(p, plan, blocks, stream)
+                     : launch<scalar_t, false, 1>(p, plan, blocks, stream);
+    } else if (run == kVector) {
+      launch<scalar_t, true, kVector>(p, plan, blocks, stream);
+    } else if (run == 1) {
+      launch<scalar_t, true, 1>(p, plan, blocks, stream);
+    } else if (run == 2) {
+      launch<scalar_t, true, 2>(p, plan, blocks, stream);
+    } else if constexpr (kVector > 4) {
+      launch<scalar_t, true, 4>(p, plan, blocks, stream);
     }
   });
   return out;

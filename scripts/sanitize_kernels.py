@@ -75,11 +75,13 @@ def run_step(dev: torch.device, backend: str) -> int:
 
 
 # odd sizes (element-wise path); 16-byte runs in NCHW only, and in both layouts (vector path);
-# two large groups, each split over a cluster of blocks, more runs than the registers hold
+# channels_last runs of 2 and 4 channels (2, 10 and 20 per group); two large groups, each split
+# over a cluster of blocks, more runs than the registers hold
 GROUP_NORM_SHAPES = [
     ((1, 8, 5, 7), 4),
     ((2, 64, 33, 17), 32),
     ((2, 320, 16, 16), 32),
+    ((2, 640, 8, 8), 32),
     ((2, 256, 8, 8), 16),
     ((1, 64, 96, 96), 2),
     ((1, 60, 45, 47), 2),

@@ -106,30 +106,37 @@ def test_cuda_extension_kernels(report):
     for k in step:
         assert k["memory_ops"].get("LDG.E.128", 0) >= 2 and k["memory_ops"].get("STG.E.128", 0)
         assert k["spill_bytes"] == 0
-    # GroupNorm+SiLU: <dtype, channels_last, run length[, cached runs]>; the one-kernel path in
-    # 4 cache sizes on 16-byte runs, 1 on single elements, and the two-launch path's pair
+    # GroupNorm+SiLU: <dtype, channels_last, run length[, cached runs]>. Runs: one element, or
+    # 16 bytes, or in channels_last every power of two in between (per-group channel counts such
+    # as SD1.5's 10 and 20); each run length has the one-kernel path (4 cache sizes; one for
+    # single elements) and the two-launch path's pair
     norm = {}
     for k in report["kernels"]:
         pattern = r"group_norm_(silu|stats|apply)_kernel<(\w+), (\w+), (\d+)(?:, (\d+))?>"
         m = re.fullmatch(pattern, k["name"])
         if k["source"] == "cuda" and m:
             norm[m.groups()] = k
-    dtypes, layouts = ("float", "Half", "BFloat16"), ("false", "true")
-    vector = {"float": "4", "Half": "8", "BFloat16": "8"}
+    itemsize = {"float": 4, "Half": 2, "BFloat16": 2}
     expected = set()
-    for t in dtypes:
-        for cl in layouts:
-            expected |= {("silu", t, cl, vector[t], c) for c in ("1", "2", "4", "8")}
+    for t, size in itemsize.items():
+        for cl in ("false", "true"):
+            runs = [16 // size] + ([r for r in (2, 4) if r < 16 // size] if cl == "true" else [])
+            for r in map(str, runs):
+                expected |= {("silu", t, cl, r, c) for c in ("1", "2", "4", "8")}
             expected.add(("silu", t, cl, "1", "8"))
-            for run in ("1", vector[t]):
-                expected |= {("stats", t, cl, run, None), ("apply", t, cl, run, None)}
+            for r in map(str, [1, *runs]):
+                expected |= {("stats", t, cl, r, None), ("apply", t, cl, r, None)}
     assert set(norm) == expected
+    width = {4: "", 8: ".64", 16: ".128"}  # SASS suffix of a 32/64/128-bit access
     for key, k in norm.items():
         # no spills; at most a few bytes kept across calls of fp32 division's slow path
         assert k["spill_bytes"] == 0 and k["stack_bytes"] <= 16, k
-        if key[3] != "1":  # 16-byte runs: 16-byte loads and (but for the statistics) stores
-            assert k["memory_ops"].get("LDG.E.128", 0), k
-            assert key[0] == "stats" or k["memory_ops"].get("STG.E.128", 0), k
+        run_bytes = int(key[3]) * itemsize[key[1]]
+        if run_bytes >= 4:  # a run is one load and (but for the statistics) one store
+            ops = k["memory_ops"]
+            assert ops.get("LDG.E" + width[run_bytes], 0), k
+            assert key[0] == "stats" or ops.get("STG.E" + width[run_bytes], 0), k
+            assert not any(op.startswith("STG.E.U") for op in ops), k  # no 8- or 16-bit stores
 
 
 STEP_PTX = """
