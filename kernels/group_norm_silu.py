@@ -9,7 +9,10 @@ a diffusion UNet's residual block fused in:
 One program per (batch, group). A group that fits one tile is read once; a bigger one is read
 twice: a statistics pass combining per-tile (count, mean, M2) with Chan et al.'s parallel update
 (no E[x^2] - E[x]^2 cancellation), then the normalise-and-write pass. Traffic: 2 (or 3) passes
-over x, one write: 2-3 x numel x itemsize bytes (plus the residual's reads).
+over x, one write: 2-3 x numel x itemsize bytes (plus the residual's reads). Where there are
+fewer (batch, group) pairs than SMs (SD1.5 at batch 2: 64), each group's positions are split
+over several programs in two launches: partial statistics into a small workspace, then merge
+and write.
 
 The spatial dims are flattened to one strided axis S, and the tile is (BLOCK_C, BLOCK_S) with
 explicit channel and spatial strides, so NCHW (spatial stride 1) and channels_last (channel
@@ -63,6 +66,63 @@ def _write_tile(
 
 
 @triton.jit
+def _slice_pass(
+    x_base, r_base, w_base, b_base, ss_base, y_base, mean_in, rstd, s_lo, s_hi, C, CPG,
+    sxc, sxs, src, srs, ssc, syc, sys,
+    HAS_RESIDUAL: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, WRITE: tl.constexpr,
+):  # fmt: skip
+    """One pass, tile by tile, over positions [s_lo, s_hi) of a group's channels: WRITE the
+    output with (mean_in, rstd), or return the slice's (count, mean, M2)."""
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c0 in range(0, CPG, BLOCK_C):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            h, mask = _load_tile(
+                x_base, r_base, c0, s0, CPG, s_hi, sxc, sxs, src, srs,
+                HAS_RESIDUAL, BLOCK_C, BLOCK_S,
+            )  # fmt: skip
+            if WRITE:
+                _write_tile(
+                    h, mask, mean_in, rstd, w_base, b_base, ss_base, y_base, c0, s0, C, CPG,
+                    s_hi, ssc, syc, sys, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
+                )  # fmt: skip
+            else:
+                # the mask as 0/1 floats: predicates kept live across the reductions spill
+                valid = mask.to(tl.float32)
+                n = tl.sum(tl.sum(valid, 1), 0)
+                tile_mean = tl.sum(tl.sum(h, 1), 0) / n
+                d = (h - tile_mean) * valid
+                tile_m2 = tl.sum(tl.sum(d * d, 1), 0)
+                # Chan, Golub & LeVeque 1979: merge (count, mean, m2) with the tile's statistics
+                total = count + n
+                delta = tile_mean - mean
+                f = n / total
+                mean += delta * f
+                m2 += tile_m2 + delta * delta * count * f
+                count = total
+    return count, mean, m2
+
+
+@triton.jit
+def _group_bases(
+    pid, G, CPG, x_ptr, r_ptr, y_ptr, w_ptr, b_ptr, ss_ptr, sxb, sxc, srb, src, ssb, ssc, syb, syc
+):
+    """Pointers to the first element of group pid = batch * G + group in every operand."""
+    b = pid // G
+    c_start = (pid % G) * CPG
+    return (
+        x_ptr + b * sxb + c_start * sxc,
+        r_ptr + b * srb + c_start * src,
+        y_ptr + b * syb + c_start * syc,
+        w_ptr + c_start,
+        b_ptr + c_start,
+        ss_ptr + b * ssb + c_start * ssc,
+    )
+
+
+@triton.jit
 def group_norm_silu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, ss_ptr, r_ptr, y_ptr,
     sxb, sxc, sxs, srb, src, srs, ssb, ssc, syb, syc, sys,
@@ -70,16 +130,11 @@ def group_norm_silu_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // G
-    c_start = (pid % G) * CPG
-    x_base = x_ptr + b * sxb + c_start * sxc
-    r_base = r_ptr + b * srb + c_start * src
-    y_base = y_ptr + b * syb + c_start * syc
-    w_base = w_ptr + c_start
-    b_base = b_ptr + c_start
-    ss_base = ss_ptr + b * ssb + c_start * ssc
-
+    """One program per (batch, group)."""
+    x_base, r_base, y_base, w_base, b_base, ss_base = _group_bases(
+        tl.program_id(0), G, CPG, x_ptr, r_ptr, y_ptr, w_ptr, b_ptr, ss_ptr,
+        sxb, sxc, srb, src, ssb, ssc, syb, syc,
+    )  # fmt: skip
     if ONE_TILE:
         h, mask = _load_tile(
             x_base, r_base, 0, 0, CPG, S, sxc, sxs, src, srs, HAS_RESIDUAL, BLOCK_C, BLOCK_S
@@ -94,36 +149,81 @@ def group_norm_silu_fwd_kernel(
             HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
         )  # fmt: skip
     else:
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for c0 in range(0, CPG, BLOCK_C):
-            for s0 in range(0, S, BLOCK_S):
-                h, mask = _load_tile(
-                    x_base, r_base, c0, s0, CPG, S, sxc, sxs, src, srs,
-                    HAS_RESIDUAL, BLOCK_C, BLOCK_S,
-                )  # fmt: skip
-                n = tl.sum(tl.sum(mask.to(tl.float32), 1), 0)
-                tile_mean = tl.sum(tl.sum(h, 1), 0) / n
-                d = tl.where(mask, h - tile_mean, 0.0)
-                tile_m2 = tl.sum(tl.sum(d * d, 1), 0)
-                # Chan, Golub & LeVeque 1979: merge (count, mean, m2) with the tile's statistics
-                total = count + n
-                delta = tile_mean - mean
-                mean += delta * (n / total)
-                m2 += tile_m2 + delta * delta * (count * n / total)
-                count = total
+        count, mean, m2 = _slice_pass(
+            x_base, r_base, w_base, b_base, ss_base, y_base, 0.0, 0.0, 0, S, C, CPG,
+            sxc, sxs, src, srs, ssc, syc, sys, HAS_RESIDUAL, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
+            False,
+        )  # fmt: skip
         rstd = 1.0 / tl.sqrt(m2 / count + eps)
-        for c0 in range(0, CPG, BLOCK_C):
-            for s0 in range(0, S, BLOCK_S):
-                h, mask = _load_tile(
-                    x_base, r_base, c0, s0, CPG, S, sxc, sxs, src, srs,
-                    HAS_RESIDUAL, BLOCK_C, BLOCK_S,
-                )  # fmt: skip
-                _write_tile(
-                    h, mask, mean, rstd, w_base, b_base, ss_base, y_base, c0, s0, C, CPG, S,
-                    ssc, syc, sys, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
-                )  # fmt: skip
+        _slice_pass(
+            x_base, r_base, w_base, b_base, ss_base, y_base, mean, rstd, 0, S, C, CPG,
+            sxc, sxs, src, srs, ssc, syc, sys, HAS_RESIDUAL, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
+            True,
+        )  # fmt: skip
+
+
+# Few (batch, group) pairs: each group's positions are split over SPLITS programs, in two
+# launches: partial statistics into a (B * G, SPLITS, 3) fp32 workspace, then each program
+# merges its group's partials and writes its slice.
+
+
+@triton.jit
+def group_norm_silu_stats_kernel(
+    x_ptr, r_ptr, part_ptr, sxb, sxc, sxs, srb, src, srs, S, G, CPG, SLICE,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    pid, split = tl.program_id(0), tl.program_id(1)
+    x_base, r_base, _, _, _, _ = _group_bases(
+        pid, G, CPG, x_ptr, r_ptr, x_ptr, x_ptr, x_ptr, x_ptr, sxb, sxc, srb, src, 0, 0, 0, 0
+    )
+    s_lo = split * SLICE
+    s_hi = tl.minimum(s_lo + SLICE, S)
+    count, mean, m2 = _slice_pass(
+        x_base, r_base, x_ptr, x_ptr, x_ptr, x_ptr, 0.0, 0.0, s_lo, s_hi, 0, CPG,
+        sxc, sxs, src, srs, 0, 0, 0, HAS_RESIDUAL, False, BLOCK_C, BLOCK_S, False,
+    )  # fmt: skip
+    out = part_ptr + (pid * tl.num_programs(1) + split) * 3
+    tl.store(out, count)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit
+def group_norm_silu_apply_kernel(
+    x_ptr, w_ptr, b_ptr, ss_ptr, r_ptr, y_ptr, part_ptr,
+    sxb, sxc, sxs, srb, src, srs, ssb, ssc, syb, syc, sys,
+    C, S, G, CPG, SLICE, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
+):  # fmt: skip
+    pid, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    # the group's partials, merged at once: n = sum n_i, mean = sum n_i mean_i / n,
+    # M2 = sum M2_i + sum n_i (mean_i - mean)^2
+    i = tl.arange(0, SPLITS_P2)
+    parts = part_ptr + (pid * splits + i) * 3
+    n_i = tl.load(parts, mask=i < splits, other=0.0)
+    mean_i = tl.load(parts + 1, mask=i < splits, other=0.0)
+    m2_i = tl.load(parts + 2, mask=i < splits, other=0.0)
+    n = tl.sum(n_i, 0)
+    mean = tl.sum(n_i * mean_i, 0) / n
+    m2 = tl.sum(m2_i + n_i * (mean_i - mean) * (mean_i - mean), 0)
+    rstd = 1.0 / tl.sqrt(m2 / n + eps)
+    x_base, r_base, y_base, w_base, b_base, ss_base = _group_bases(
+        pid, G, CPG, x_ptr, r_ptr, y_ptr, w_ptr, b_ptr, ss_ptr,
+        sxb, sxc, srb, src, ssb, ssc, syb, syc,
+    )  # fmt: skip
+    s_lo = split * SLICE
+    s_hi = tl.minimum(s_lo + SLICE, S)
+    _slice_pass(
+        x_base, r_base, w_base, b_base, ss_base, y_base, mean, rstd, s_lo, s_hi, C, CPG,
+        sxc, sxs, src, srs, ssc, syc, sys, HAS_RESIDUAL, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
+        True,
+    )  # fmt: skip
+
+
+# streaming multiprocessors assumed where none can be asked (the interpreter, compile checks):
+# an H100's or H200's
+DEFAULT_SMS = 132
 
 
 def launch_config(channels_per_group: int, spatial: int, interpret: bool) -> dict:
@@ -134,6 +234,15 @@ def launch_config(channels_per_group: int, spatial: int, interpret: bool) -> dic
     one_tile = channels_per_group <= block_c and spatial <= block_s
     num_warps = 4 if block_c * block_s <= 2048 else 8
     return dict(BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile, num_warps=num_warps)
+
+
+def split_positions(programs: int, spatial: int, block_s: int, sms: int) -> tuple[int, int]:
+    """(splits, positions per split) for `programs` = batch x groups: a group's positions are
+    split, in whole tiles, until there are about two programs per SM (at most 32 splits)."""
+    tiles = triton.cdiv(spatial, block_s)
+    splits = max(1, min(triton.cdiv(2 * sms, programs), tiles, 32)) if programs < sms else 1
+    per_split = triton.cdiv(tiles, splits) * block_s
+    return triton.cdiv(spatial, per_split), per_split
 
 
 def group_norm_silu_fwd(
@@ -160,16 +269,35 @@ def group_norm_silu_fwd(
     else:
         r_strides = residual.view(B, C, -1).stride()
     ss_strides = (0, 0) if scale_shift is None else scale_shift.stride()
+    ss = x if scale_shift is None else scale_shift
+    r = x if residual is None else residual
     cpg = C // num_groups
     cfg = launch_config(cpg, S, INTERPRET)
-    group_norm_silu_fwd_kernel[(B * num_groups,)](
-        x, weight, bias,
-        x if scale_shift is None else scale_shift,
-        x if residual is None else residual,
-        y,
+    flags = dict(HAS_RESIDUAL=residual is not None, HAS_SCALE_SHIFT=scale_shift is not None)
+    programs = B * num_groups
+    sms = (
+        torch.cuda.get_device_properties(x.device).multi_processor_count
+        if x.is_cuda
+        else DEFAULT_SMS
+    )
+    splits, per_split = split_positions(programs, S, cfg["BLOCK_S"], sms)
+    if cfg["ONE_TILE"] or splits == 1:
+        group_norm_silu_fwd_kernel[(programs,)](
+            x, weight, bias, ss, r, y,
+            *x3.stride(), *r_strides, *ss_strides, *y3.stride(),
+            C, S, num_groups, cpg, eps, **flags, **cfg,
+        )  # fmt: skip
+        return y
+    partial = torch.empty(programs * splits * 3, dtype=torch.float32, device=x.device)
+    tile = dict(BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+    group_norm_silu_stats_kernel[(programs, splits)](
+        x, r, partial, *x3.stride(), *r_strides, S, num_groups, cpg, per_split,
+        HAS_RESIDUAL=residual is not None, **tile,
+    )  # fmt: skip
+    group_norm_silu_apply_kernel[(programs, splits)](
+        x, weight, bias, ss, r, y, partial,
         *x3.stride(), *r_strides, *ss_strides, *y3.stride(),
-        C, S, num_groups, cpg, eps,
-        HAS_RESIDUAL=residual is not None, HAS_SCALE_SHIFT=scale_shift is not None,
-        **cfg,
+        C, S, num_groups, cpg, per_split, eps,
+        **flags, **tile, SPLITS_P2=triton.next_power_of_2(splits),
     )  # fmt: skip
     return y
