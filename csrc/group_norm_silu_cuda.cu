@@ -1,8 +1,10 @@
 // fastdiff::group_norm_silu_fwd on CUDA (op described in group_norm_silu.h).
 //
-// One kernel. A (batch, group) is split over the `splits` blocks of one thread block cluster, so
-// that small batches still fill the GPU (SD1.5 at batch 2 has only 64 groups); on sm_90 the
-// blocks of a cluster run at the same time and read each other's shared memory. Each block
+// One kernel. A (batch, group) of more than 4096 elements is split over the blocks of one thread
+// block cluster (up to 8), so that small batches still fill the GPU (SD1.5 at batch 2 has only 64
+// groups of 41k elements); on sm_90 the blocks of a cluster run at the same time and read each
+// other's shared memory. The split depends on the group's size alone, so a sample's output does
+// not depend on the batch it is in. Each block
 //   1. reads its slice of the group once, keeping up to CACHE runs per thread in registers, and
 //      reduces it to (count, mean, M2): two passes over the registers (mean, then squares about
 //      it), runs beyond the cache merged in as they stream past, then Chan et al.'s pairwise
@@ -48,7 +50,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxClusterSplits = 8;  // the portable cluster size
 constexpr int64_t kMaxSplits = 32;        // the two-launch path merges partials within one warp
-constexpr int64_t kMinSlice = 1024;       // elements; a block never gets a smaller share
+constexpr int64_t kSlice = 4096;          // elements of a group per block, about
 
 struct Stats {
   float n, mean, m2;
@@ -395,11 +397,11 @@ struct Plan {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Enough blocks for ~4 per SM, no slice under kMinSlice elements; clusters of at most 8 blocks.
-Plan plan_launch(int64_t groups_total, int64_t group_size, int64_t run, int64_t sms,
-                 bool clusters) {
-  const int64_t wanted = std::max<int64_t>(
-      1, std::min(ceil_div(4 * sms, groups_total), ceil_div(group_size, kMinSlice)));
+// A block per kSlice elements of a group (at most 8 in a cluster, 32 on the two-launch path).
+// The plan depends on the group's size only, never on the batch or the GPU: each sample's
+// output is the same bit for bit whatever the batch it is in.
+Plan plan_launch(int64_t group_size, int64_t run, bool clusters) {
+  const int64_t wanted = ceil_div(group_size, kSlice);
   const bool one_kernel = clusters || wanted == 1;
   int64_t splits = std::min(wanted, one_kernel ? kMaxClusterSplits : kMaxSplits);
   const int64_t chunk = ceil_div(ceil_div(group_size, splits), run) * run;
@@ -498,10 +500,7 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups, const a
     }
   }
   const int device = x.get_device();
-  const Plan plan =
-      plan_launch(groups_total, group_size, run,
-                  at::cuda::getDeviceProperties(device)->multiProcessorCount,
-                  device_runs_clusters(device));
+  const Plan plan = plan_launch(group_size, run, device_runs_clusters(device));
   const int64_t blocks = groups_total * plan.splits;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "fastdiff::group_norm_silu_fwd: ", groups_total,
               " groups (batch x num_groups) are more than one launch can take");

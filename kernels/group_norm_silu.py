@@ -9,10 +9,10 @@ a diffusion UNet's residual block fused in:
 One program per (batch, group). A group that fits one tile is read once; a bigger one is read
 twice: a statistics pass combining per-tile (count, mean, M2) with Chan et al.'s parallel update
 (no E[x^2] - E[x]^2 cancellation), then the normalise-and-write pass. Traffic: 2 (or 3) passes
-over x, one write: 2-3 x numel x itemsize bytes (plus the residual's reads). Where there are
-fewer (batch, group) pairs than SMs (SD1.5 at batch 2: 64), each group's positions are split
-over several programs in two launches: partial statistics into a small workspace, then merge
-and write.
+over x, one write: 2-3 x numel x itemsize bytes (plus the residual's reads). A group of more
+than four tiles (SD1.5's 41k elements; at batch 2 there are only 64 groups) has its positions
+split over several programs in two launches: partial statistics into a small workspace, then
+merge and write. The split depends on the group's size, never the batch.
 
 The spatial dims are flattened to one strided axis S, and the tile is (BLOCK_C, BLOCK_S) with
 explicit channel and spatial strides, so NCHW (spatial stride 1) and channels_last (channel
@@ -221,11 +221,6 @@ def group_norm_silu_apply_kernel(
     )  # fmt: skip
 
 
-# streaming multiprocessors assumed where none can be asked (the interpreter, compile checks):
-# an H100's or H200's
-DEFAULT_SMS = 132
-
-
 def launch_config(channels_per_group: int, spatial: int, interpret: bool) -> dict:
     """Tile shape: all of a group's channels (up to 64) by as many positions as fill the tile."""
     tile = 16384 if interpret else 4096
@@ -236,11 +231,14 @@ def launch_config(channels_per_group: int, spatial: int, interpret: bool) -> dic
     return dict(BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile, num_warps=num_warps)
 
 
-def split_positions(programs: int, spatial: int, block_s: int, sms: int) -> tuple[int, int]:
-    """(splits, positions per split) for `programs` = batch x groups: a group's positions are
-    split, in whole tiles, until there are about two programs per SM (at most 32 splits)."""
+def split_positions(
+    group_elements: int, spatial: int, block_c: int, block_s: int
+) -> tuple[int, int]:
+    """(splits, positions per split): a program per four tiles' worth of a group's elements, in
+    whole tiles of positions, at most 32. It depends on the group's size alone, so a sample's
+    output does not depend on the batch it is in."""
     tiles = triton.cdiv(spatial, block_s)
-    splits = max(1, min(triton.cdiv(2 * sms, programs), tiles, 32)) if programs < sms else 1
+    splits = max(1, min(tiles, 32, triton.cdiv(group_elements, 4 * block_c * block_s)))
     per_split = triton.cdiv(tiles, splits) * block_s
     return triton.cdiv(spatial, per_split), per_split
 
@@ -275,12 +273,7 @@ def group_norm_silu_fwd(
     cfg = launch_config(cpg, S, INTERPRET)
     flags = dict(HAS_RESIDUAL=residual is not None, HAS_SCALE_SHIFT=scale_shift is not None)
     programs = B * num_groups
-    sms = (
-        torch.cuda.get_device_properties(x.device).multi_processor_count
-        if x.is_cuda
-        else DEFAULT_SMS
-    )
-    splits, per_split = split_positions(programs, S, cfg["BLOCK_S"], sms)
+    splits, per_split = split_positions(cpg * S, S, cfg["BLOCK_C"], cfg["BLOCK_S"])
     if cfg["ONE_TILE"] or splits == 1:
         group_norm_silu_fwd_kernel[(programs,)](
             x, weight, bias, ss, r, y,

@@ -142,14 +142,35 @@ def test_two_large_groups(backend, dtype, shape, channels_last):
 @pytest.mark.parametrize("shape", [(1, 64, 96, 96), (1, 60, 45, 47)], ids=["runs", "elements"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_cuda_without_clusters(monkeypatch, shape, channels_last):
-    """FASTDIFF_CUDA_CLUSTERS=0 runs the CUDA kernel as on a GPU before Hopper: few groups take
-    the two-launch path (statistics into a workspace, then apply); many take one block each."""
+    """FASTDIFF_CUDA_CLUSTERS=0 runs the CUDA kernel as on a GPU before Hopper: groups of more
+    than 4096 elements take the two-launch path (statistics into a workspace, then apply);
+    smaller ones one block each."""
     if DEVICE != "cuda":
         pytest.skip("needs a CUDA device")
     require("cuda")
     monkeypatch.setenv("FASTDIFF_CUDA_CLUSTERS", "0")
     check_backend("cuda", *inputs(shape, 2, torch.float16, "residual", channels_last))
     check_backend("cuda", *inputs((64, 64, 8, 8), 32, torch.float16, "temb", channels_last))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "shape, groups",
+    [((4, 256, 32, 32), 32), ((3, 64, 48, 48), 2), ((3, 96, 7, 9), 32)],
+    ids=["128-groups", "6-groups", "odd"],
+)
+def test_each_sample_is_independent_of_its_batch(backend, channels_last, shape, groups):
+    """A sample's output is the same bit for bit alone or in a batch (DESIGN.md: a seed gives the
+    same sample whatever the batch size): how a backend splits a group over blocks or programs
+    depends on the group, never on how many groups the batch has."""
+    require(backend)
+    (x, groups, w, b), cond = inputs(shape, groups, torch.float16, "scale_shift", channels_last)
+    batch = group_norm_silu(x, groups, w, b, **cond, backend=backend)
+    for i in range(shape[0]):
+        ss = cond["scale_shift"][i : i + 1].clone()
+        alone = group_norm_silu(x[i : i + 1].clone(), groups, w, b, scale_shift=ss, backend=backend)
+        assert torch.equal(alone, batch[i : i + 1]), i
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
