@@ -162,7 +162,7 @@ def group_norm_silu_fwd_kernel(
         )  # fmt: skip
 
 
-# Few (batch, group) pairs: each group's positions are split over SPLITS programs, in two
+# A group of more than four tiles: its positions are split over SPLITS programs, in two
 # launches: partial statistics into a (B * G, SPLITS, 3) fp32 workspace, then each program
 # merges its group's partials and writes its slice.
 

@@ -145,7 +145,7 @@ def _extension_check(x, num_groups, weight, bias, eps, scale_shift, residual) ->
 
 def _cuda_check(x, num_groups, weight, bias, eps, scale_shift, residual) -> list[str]:
     reasons = _extension_check(x, num_groups, weight, bias, eps, scale_shift, residual)
-    if x.numel() // (x.shape[0] * num_groups) >= 2**31:
+    if x.numel() // max(1, x.shape[0] * num_groups) >= 2**31:
         reasons.append(
             "a group of 2^31 or more elements (the CUDA kernel indexes groups in 32 bits)"
         )
