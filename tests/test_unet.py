@@ -140,6 +140,31 @@ def test_fused_ops_match_reference_path(overrides):
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("conditioning", ["add", "scale_shift"])
+def test_resblock_adds_conv1_bias_inside_the_norm(conditioning):
+    """ResBlock adds conv1's bias inside norm2 instead of after conv1: the same function as
+    conv1 (with its bias), then GroupNorm with the timestep term, then SiLU, in torch.nn terms."""
+    import torch.nn.functional as F
+
+    from fastdiff.models.layers import ResBlock
+
+    torch.manual_seed(0)
+    block = perturb_norms(ResBlock(8, 16, 12, 4, 1e-5, 0.0, conditioning)).eval()
+    with torch.no_grad():
+        block.conv1.bias.normal_(0, 3)  # large enough that dropping or doubling it shows
+        x, emb = torch.randn(2, 8, 5, 6), torch.randn(2, 12)
+        n1, n2 = block.norm1, block.norm2
+        h = block.conv1(F.silu(F.group_norm(x, 4, n1.weight, n1.bias, 1e-5)))
+        e = block.emb_proj(emb)[..., None, None]
+        if conditioning == "add":
+            h = F.group_norm(h + e, 4, n2.weight, n2.bias, 1e-5)
+        else:
+            scale, shift = e.chunk(2, dim=1)
+            h = F.group_norm(h, 4, n2.weight, n2.bias, 1e-5) * (1 + scale) + shift
+        expected = block.skip(x) + block.conv2(F.silu(h))
+        torch.testing.assert_close(block(x, emb), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_channels_last():
     """channels_last weights and input flow through the fused ops without a layout change."""
     torch.manual_seed(0)

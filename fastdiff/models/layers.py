@@ -72,14 +72,24 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x (B, cin, H, W); emb (B, emb_dim), already through SiLU."""
-        h = self.conv1(self.norm1(x))
-        e = self.emb_proj(emb)  # (B, cout) or (B, 2 cout)
+        """x (B, cin, H, W); emb (B, emb_dim), already through SiLU. conv1's bias is added inside
+        norm2, with the timestep term, instead of in a pass of its own over conv1's output (on
+        CUDA a convolution's bias is a separate kernel)."""
+        c = self.conv1
+        h = F.conv2d(self.norm1(x), c.weight, None, c.stride, c.padding, c.dilation, c.groups)
         if self.scale_shift:
-            h = self.norm2(h, scale_shift=e)
-        else:
-            h = self.norm2(h, residual=e)  # GroupNorm(h + e), the add fused into the norm
+            bias = None if c.bias is None else c.bias.expand(x.shape[0], -1)
+            h = self.norm2(h, scale_shift=self.emb_proj(emb), residual=bias)
+        else:  # GroupNorm(h + e + bias), e = emb_proj(emb): the adds fused into the norm
+            bias = _sum_or_none(self.emb_proj.bias, c.bias)
+            h = self.norm2(h, residual=F.linear(emb, self.emb_proj.weight, bias))
         return self.skip(x) + self.conv2(self.dropout(h))
+
+
+def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
 
 
 class MultiHeadAttention(nn.Module):
