@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from fastdiff.models.layers import GroupNormSiLU
+from fastdiff.models.layers import GroupNormSiLU, conv_norm_silu
 from fastdiff.ops.attention import attention as fused_attention
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
@@ -132,13 +132,12 @@ class FusedResnetBlock2D(ResnetBlock2D):
             x, h = self.upsample(x), self.upsample(h)
         elif self.downsample is not None:
             x, h = self.downsample(x), self.downsample(h)
-        h = self.conv1(h)
-        if self.time_emb_proj is not None:
-            temb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
-        if self.time_embedding_norm == "scale_shift":
-            h = _fused_norm_silu(self.norm2, h, scale_shift=temb)  # temb: (B, 2C) [scale|shift]
-        else:
-            h = _fused_norm_silu(self.norm2, h, residual=temb)  # norm2(h + temb)
+        proj = self.time_emb_proj
+        if proj is not None and not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        # norm2(conv1(h) + temb) or norm2(conv1(h)) * (1 + scale) + shift, [scale | shift] = temb
+        scale_shift = self.time_embedding_norm == "scale_shift"
+        h = conv_norm_silu(self.conv1, self.norm2, h, temb, proj, scale_shift)
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)

@@ -72,18 +72,45 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x (B, cin, H, W); emb (B, emb_dim), already through SiLU. conv1's bias is added inside
-        norm2, with the timestep term, instead of in a pass of its own over conv1's output (on
-        CUDA a convolution's bias is a separate kernel)."""
-        c = self.conv1
-        h = F.conv2d(self.norm1(x), c.weight, None, c.stride, c.padding, c.dilation, c.groups)
-        if self.scale_shift:
-            bias = None if c.bias is None else c.bias.expand(x.shape[0], -1)
-            h = self.norm2(h, scale_shift=self.emb_proj(emb), residual=bias)
-        else:  # GroupNorm(h + e + bias), e = emb_proj(emb): the adds fused into the norm
-            bias = _sum_or_none(self.emb_proj.bias, c.bias)
-            h = self.norm2(h, residual=F.linear(emb, self.emb_proj.weight, bias))
+        """x (B, cin, H, W); emb (B, emb_dim), already through SiLU."""
+        h = conv_norm_silu(
+            self.conv1, self.norm2, self.norm1(x), emb, self.emb_proj, self.scale_shift
+        )
         return self.skip(x) + self.conv2(self.dropout(h))
+
+
+def conv_norm_silu(
+    conv: nn.Module,
+    norm: nn.GroupNorm,
+    x: torch.Tensor,
+    emb: torch.Tensor | None,
+    proj: nn.Module | None,
+    scale_shift: bool,
+) -> torch.Tensor:
+    """A residual block's middle: silu(norm(conv(x) + proj(emb))), or with scale_shift
+    silu(norm(conv(x)) * (1 + scale) + shift) for [scale | shift] = proj(emb); proj None adds emb
+    itself (or nothing when emb is None). One group_norm_silu call after a bias-free convolution:
+    a plain Conv2d's bias is added inside the norm, a vector add where after the convolution it
+    is a pass over the whole output (on CUDA a kernel of its own)."""
+    plain = type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+    if plain:
+        h = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        bias = conv.bias
+    else:
+        h, bias = conv(x), None
+    if scale_shift:
+        residual = None if bias is None else bias.expand(x.shape[0], -1)
+        return group_norm_silu(
+            h, norm.num_groups, norm.weight, norm.bias, norm.eps,
+            scale_shift=proj(emb), residual=residual,
+        )  # fmt: skip
+    if type(proj) is nn.Linear:  # the bias joins the projection's
+        residual = F.linear(emb, proj.weight, _sum_or_none(proj.bias, bias))
+    else:
+        residual = _sum_or_none(emb if proj is None else proj(emb), bias)
+        if residual is not None and residual.dim() == 1:
+            residual = residual.expand(x.shape[0], -1)
+    return group_norm_silu(h, norm.num_groups, norm.weight, norm.bias, norm.eps, residual=residual)
 
 
 def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
