@@ -93,6 +93,14 @@ def test_dispatch_and_errors():
         attention(q, k.float(), v)
 
 
+def test_why_not_with_q_alone():
+    """why_not(name, q), the README's form for the step op: Triton's head-dim limit reads q."""
+    q = torch.randn(1, 2, 9, 300, device=DEVICE)
+    assert ATTENTION.why_not("triton", q) == ["head dim 300 > 256"]
+    assert ATTENTION.why_not("triton", q[..., :72]) == []
+    assert ATTENTION.why_not("sdpa", q) == ATTENTION.why_not("reference", q) == []
+
+
 def test_use_forces_backend():
     q, k, v = qkv(1, 2, 9, 9, 40, torch.float32)
     # on CPU tensors Triton would be interpreted, and fp32 Triton spills registers on CUDA: both

@@ -203,6 +203,19 @@ def test_dispatch_and_errors():
         group_norm_silu(x, 8, residual=torch.randn(2, 64, 4, dtype=x.dtype))
 
 
+def test_why_not_with_x_alone():
+    """why_not(name, x), the README's form for the step op: the backend of x's device takes a
+    dense x and refuses a strided one; the other device's backend names x's device."""
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    other = "cpu" if DEVICE == "cuda" else "cuda"
+    assert f"device {DEVICE} not in ['{other}']" in GROUP_NORM_SILU.why_not(other, x)
+    require(DEVICE)
+    assert GROUP_NORM_SILU.why_not(DEVICE, x) == []
+    assert GROUP_NORM_SILU.why_not(DEVICE, x.contiguous(memory_format=torch.channels_last)) == []
+    reasons = GROUP_NORM_SILU.why_not(DEVICE, x[..., ::2])
+    assert len(reasons) == 1 and "neither contiguous nor channels_last" in reasons[0]
+
+
 def test_cuda_backend_refuses_groups_of_2_31_elements():
     """The CUDA kernel indexes within a group in 32 bits: dispatch passes such calls on (asked
     with fake CUDA tensors, so nothing is allocated)."""

@@ -23,10 +23,11 @@ class Backend:
     fastdiff was imported still counts); `dtypes` the tensor dtypes it accepts. `ready`
     returns a reason when the backend cannot run at all on this machine (extension not built,
     triton missing), else None. `check` gets the op's call arguments and returns extra reasons
-    (unsupported head dim, layout, ...). `by_name_only` gets the same arguments and returns why
-    automatic dispatch should pass over a call the backend can run (Triton's interpreter on CPU
-    tensors, slower than even the reference; a kernel that a later backend beats): the backend
-    then runs only when asked for by name or by `use()`."""
+    (unsupported head dim, layout, ...); the arguments after the first default to None, and go
+    unchecked, so that `why_not(name, x)` asks about x alone. `by_name_only` gets the same
+    arguments and returns why automatic dispatch should pass over a call the backend can run
+    (Triton's interpreter on CPU tensors, slower than even the reference; a kernel that a later
+    backend beats): the backend then runs only when asked for by name or by `use()`."""
 
     name: str
     fn: Callable
@@ -65,12 +66,12 @@ class Op:
         raise ValueError(f"{self.name}: unknown backend {name!r}; valid backends: {self.names}")
 
     def why_not(self, name: str, tensor: torch.Tensor, *args, **kwargs) -> list[str]:
-        """Reasons why backend `name` cannot run this call; empty when it can."""
+        """Reasons why backend `name` cannot run this call; empty when it can. With the tensor
+        alone (`why_not("cuda", x)`), the reasons cover readiness, the tensor's device and dtype
+        and what the backend's check can tell from it; pass the call's other arguments to check
+        them too."""
         b = self.get(name)
-        reason = b.ready()
-        if reason:
-            return [reason]
-        reasons = []
+        reasons = [reason] if (reason := b.ready()) else []
         devices = b.devices() if callable(b.devices) else b.devices
         if tensor.device.type not in devices:
             reasons.append(f"device {tensor.device.type} not in {list(devices)}")

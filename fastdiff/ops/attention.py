@@ -57,11 +57,12 @@ def attention_backward_reference(q, k, v, grad, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _triton_check(q, k, v, scale) -> list[str]:
+def _triton_check(q, k=None, v=None, scale=None) -> list[str]:
     reasons = []
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}")
-    if k.shape[-2] == 0:
+    head_dim = max(t.shape[-1] for t in (q, v) if t is not None)
+    if head_dim > MAX_HEAD_DIM:
+        reasons.append(f"head dim {head_dim} > {MAX_HEAD_DIM}")
+    if k is not None and k.shape[-2] == 0:
         reasons.append("no keys (Lkv = 0)")
     return reasons
 

@@ -123,7 +123,9 @@ def _flattens(t: torch.Tensor) -> bool:
     return True
 
 
-def _triton_check(x, num_groups, weight, bias, eps, scale_shift, residual) -> list[str]:
+def _triton_check(
+    x, num_groups=None, weight=None, bias=None, eps=None, scale_shift=None, residual=None
+) -> list[str]:
     if not all(_flattens(t) for t in (x, residual) if t is not None and t.dim() > 2):
         return ["x or residual has spatial dims that do not merge into one axis; use .contiguous()"]
     return []
@@ -136,16 +138,20 @@ def _triton_group_norm_silu(x, num_groups, weight, bias, eps, scale_shift, resid
     return group_norm_silu_fwd(x, num_groups, w, b, eps, scale_shift, residual)
 
 
-def _extension_check(x, num_groups, weight, bias, eps, scale_shift, residual) -> list[str]:
+def _extension_check(
+    x, num_groups=None, weight=None, bias=None, eps=None, scale_shift=None, residual=None
+) -> list[str]:
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     if not (x.is_contiguous() or channels_last):
         return ["x is neither contiguous nor channels_last; call .contiguous()"]
     return []  # a residual in another layout is copied into x's by the kernel's wrapper
 
 
-def _cuda_check(x, num_groups, weight, bias, eps, scale_shift, residual) -> list[str]:
+def _cuda_check(
+    x, num_groups=None, weight=None, bias=None, eps=None, scale_shift=None, residual=None
+) -> list[str]:
     reasons = _extension_check(x, num_groups, weight, bias, eps, scale_shift, residual)
-    if x.numel() // max(1, x.shape[0] * num_groups) >= 2**31:
+    if num_groups is not None and x.numel() // max(1, x.shape[0] * num_groups) >= 2**31:
         reasons.append(
             "a group of 2^31 or more elements (the CUDA kernel indexes groups in 32 bits)"
         )
