@@ -1,7 +1,8 @@
 """The fused sampler step (fastdiff.ops.step) on every backend available here against
 step_reference: every sampler's every row, fp32/fp16/bf16, odd sizes, NCHW and channels_last,
 guidance and clamp (DESIGN.md's tolerance rule against the fp64 reference); the in-kernel noise
-against fastdiff/noise.py; whole sampling trajectories; dispatch, opcheck and input errors."""
+against fastdiff/noise.py; whole sampling trajectories; dispatch and why_not, opcheck,
+torch.compile, and input errors."""
 
 import os
 
@@ -16,6 +17,7 @@ from fastdiff.samplers import NCOEF, SAMPLERS, Col, build_plan
 from fastdiff.schedules import Schedule
 
 FUSED = ["cuda", "cpu", "triton"]
+EXTENSION = ["cuda", "cpu"]  # the backends of torch.ops.fastdiff.step
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NOISE_ATOL = 1e-6  # noise.py: fp32 noise of two correct backends agrees to 1e-6
 # (shape, channels_last, guided, clamp): the odd sizes of DESIGN.md
@@ -236,7 +238,7 @@ def toy(x, t, **cond):
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", FUSED)
 def test_trajectory_matches_reference(backend, sampler):
     device = device_for(backend)
     require(backend, device)
@@ -281,33 +283,79 @@ def test_default_backend_on_cpu_is_cpu():
     assert step_op.select(torch.zeros(2, 4, 6, 5)[..., ::2], *args[1:]).name != "cpu"
 
 
-def test_opcheck():
-    require("cpu", "cpu")
+def opcheck_calls(device: str):
+    """Arguments of torch.ops.fastdiff.step: fp32 NCHW; guided, clamped fp16 channels_last; an
+    fp64 table, no history, no noise."""
     g = torch.Generator().manual_seed(0)
-    table = plan_table("unipc").float()
-    counter = torch.tensor(1)
+    table = plan_table("unipc").float().to(device)
+    counter = torch.tensor(1, device=device)
     for dtype, channels_last, guided, clamp in [
         (torch.float32, False, False, None),
         (torch.float16, True, True, [-1.0, 1.0]),
     ]:
-        x, y, yu, h0, h1 = (randn((2, 3, 4, 5), dtype, "cpu", g, channels_last) for _ in range(5))
-        args = (
+        x, y, yu, h0, h1 = (randn((2, 3, 4, 5), dtype, device, g, channels_last) for _ in range(5))
+        yield (x, y, yu if guided else None, h0, h1, table, counter, 2**63 - 1, 7, 2.0, clamp, True)
+    yield (x, y, None, None, None, table.double(), counter, -5, 0, 1.0, None, False)
+
+
+@pytest.mark.parametrize("backend", EXTENSION)
+def test_opcheck(backend):
+    """The C++/CUDA op on each device it is registered for."""
+    device = device_for(backend)
+    require(backend, device)
+    for args in opcheck_calls(device):
+        torch.library.opcheck(torch.ops.fastdiff.step.default, args)
+
+
+@pytest.mark.parametrize("backend", [*FUSED, "reference"])
+def test_opcheck_dispatch_op(backend):
+    """fastdiff::step_dispatch, the op a compiled graph calls (dispatch inside)."""
+    device = device_for(backend)
+    require(backend, device)
+    for args in opcheck_calls(device):
+        torch.library.opcheck(torch.ops.fastdiff.step_dispatch.default, (*args, backend))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compile_has_no_graph_breaks(backend):
+    """A sampler's step (model output in, fused update, counter + 1, as fastdiff.sample's loop)
+    compiles into one graph and gives eager's trajectory and history, bit for bit."""
+    device = device_for(backend)
+    require(backend, device)
+    plan = build_plan("dpmpp_3m_sde", Schedule.from_betas("linear"), 4)  # h0, h1 and noise
+    table = plan.table.float().to(device)
+
+    def one_step(x, h0, h1, counter):
+        y = toy(x, counter.reshape(1).float())
+        x = step(
             x,
             y,
-            yu if guided else None,
+            -y,
             h0,
             h1,
             table,
             counter,
-            2**63 - 1,
-            7,
-            2.0,
-            clamp,
-            True,
+            seed=2**64 - 3,
+            guidance=2.0,
+            clamp=(-1.5, 1.5),
+            backend=backend,
         )
-        torch.library.opcheck(torch.ops.fastdiff.step.default, args)
-    args = (x, y, None, None, None, table.double(), counter, -5, 0, 1.0, None, False)
-    torch.library.opcheck(torch.ops.fastdiff.step.default, args)
+        counter.add_(1)
+        return x
+
+    compiled = torch.compile(one_step, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(2)
+    x_T = torch.randn(2, 3, 5, 7, generator=g).to(device)
+    states = []
+    for fn in (compiled, one_step):
+        x, counter = x_T, torch.zeros((), dtype=torch.int64, device=device)
+        h0, h1 = torch.zeros_like(x), torch.zeros_like(x)
+        for _ in range(plan.rows):
+            x = fn(x, h0, h1, counter)
+        states.append((x, h0, h1, counter))
+    for got, expected in zip(*states):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert states[0][1].abs().max() > 0 and int(states[0][3]) == plan.rows
 
 
 def test_layout_conversions_never_give_a_wrong_answer():
@@ -471,6 +519,43 @@ def test_cuda_and_cpu_draw_the_same_sample():
     gpu = fastdiff.sample(toy, (2, 4, 16, 16), device="cuda", **kwargs)
     cpu = fastdiff.sample(toy, (2, 4, 16, 16), device="cpu", **kwargs)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", EXTENSION)
+def test_why_not_with_x_alone(backend):
+    """README.md's `step_op.why_not("cuda", x)`: asked about x alone, each backend answers from
+    what it declares and what x shows (device, dtype, layout); the other operands go unchecked."""
+    device = device_for(backend)
+    require(backend, device)
+    x = torch.zeros(2, 3, 4, 5, device=device)
+    reasons = fastdiff.ops.step.step_op.why_not("cuda", x)
+    if device == "cuda":
+        assert reasons == []
+    else:
+        assert "device cpu not in ['cuda']" in reasons
+    assert step_op.why_not(backend, x) == step_op.why_not("reference", x) == []
+    assert step_op.why_not(backend, x.contiguous(memory_format=torch.channels_last)) == []
+    reasons = step_op.why_not(backend, x[..., ::2])
+    assert len(reasons) == 1 and "neither contiguous nor channels_last" in reasons[0]
+    reasons = step_op.why_not(backend, x.double())
+    assert reasons == ["dtype float64 not in ['float32', 'float16', 'bfloat16']"]
+    other = "cpu" if backend == "cuda" else "cuda"
+    assert f"device {device} not in ['{other}']" in step_op.why_not(other, x)
+
+
+def test_why_not_gives_every_reason():
+    """A backend that cannot run here still says which devices and dtypes it takes."""
+    op = fastdiff.ops.Op("toy", lambda x: x)
+    op.register(
+        fastdiff.ops.Backend(
+            "gpu", lambda x: x, ("cuda",), (torch.float16,), ready=lambda: "not built"
+        )
+    )
+    assert op.why_not("gpu", torch.zeros(2)) == [
+        "not built",
+        "device cpu not in ['cuda']",
+        "dtype float32 not in ['float16']",
+    ]
 
 
 def test_backends_are_registered_in_dispatch_order():

@@ -16,7 +16,8 @@ Backends, in order of preference for each device: `cuda` (csrc/step_cuda.cu) and
 interpreted on CPU under TRITON_INTERPRET=1, so after `cpu`); the reference. The fused backends
 take fp32/fp16/bf16 states, contiguous or channels_last, with y, y_uncond, h0, h1 of x's shape and
 dtype; a y or y_uncond in another layout is copied into x's, while h0/h1 (updated in place) must
-share x's layout and overlap nothing else, else the call goes to the next backend.
+share x's layout and overlap nothing else, else the call goes to the next backend. Under
+torch.compile, `step` is one op, fastdiff::step_dispatch, that dispatches when it runs.
 """
 
 from __future__ import annotations
@@ -97,8 +98,11 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def _fused_check(x, y, y_uncond, h0, h1, table, counter, **options) -> list[str]:
-    """Why the fused kernels (cuda, triton, cpu) cannot take this call; [] when they can."""
+def _fused_check(
+    x, y=None, y_uncond=None, h0=None, h1=None, table=None, counter=None, **options
+) -> list[str]:
+    """Why the fused kernels (cuda, triton, cpu) cannot take this call; [] when they can.
+    Operands left out (`step_op.why_not("cpu", x)`) are not checked."""
     reasons = []
     if x.dim() < 1:
         reasons.append("x must be batched (B, ...)")
@@ -127,15 +131,17 @@ def _fused_check(x, y, y_uncond, h0, h1, table, counter, **options) -> list[str]
         others = [t for k, t in operands.items() if t is not None and k != name] + [x]
         if any(_shares_memory(h, t) for t in others):
             reasons.append(f"{name} shares memory with another operand")
-    if table.dim() != 2 or table.shape[1] != NCOEF or table.dtype not in _TABLE_DTYPES:
+    if table is not None and (
+        table.dim() != 2 or table.shape[1] != NCOEF or table.dtype not in _TABLE_DTYPES
+    ):
         reasons.append(
             f"table must be float32/float64 of shape (rows, {NCOEF}), got {table.dtype} "
             f"{tuple(table.shape)}"
         )
-    if counter.dtype != torch.int64:
+    if counter is not None and counter.dtype != torch.int64:
         reasons.append(f"counter must be int64, got {counter.dtype}")
     for name, t in (("table", table), ("counter", counter)):
-        if t.device != x.device:
+        if t is not None and t.device != x.device:
             reasons.append(f"{name} is on {t.device} but x is on {x.device}")
     return reasons
 
@@ -151,6 +157,11 @@ def _like_x(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     return t.contiguous(memory_format=fmt)
 
 
+def _int64(seed: int) -> int:
+    """A uint64 seed as the two's-complement int64 that an op schema's `int` holds."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
 def _extension_step(
     x, y, y_uncond, h0, h1, table, counter, *, seed, sample_offset, guidance, clamp, stochastic
 ):
@@ -162,7 +173,7 @@ def _extension_step(
         h1,
         table.contiguous(),
         counter.reshape(()),
-        seed - 2**64 if seed >= 2**63 else seed,  # the schema's int is int64
+        _int64(seed),
         sample_offset,
         guidance,
         None if clamp is None else list(clamp),
@@ -266,4 +277,49 @@ def step(
     `backend` ("cuda", "cpu", "triton", "reference") forces one."""
     args = (x, y, y_uncond, h0, h1, table, counter)
     options = _options(x, counter, seed, sample_offset, guidance, clamp, stochastic)
+    if torch.compiler.is_compiling():
+        # dispatch asks whether h0/h1 share storage with another operand, which traced (fake)
+        # tensors cannot answer: it runs inside one opaque op, on the real tensors
+        clamp = options["clamp"]
+        schema_options = {
+            **options,
+            "seed": _int64(options["seed"]),
+            "clamp": clamp and list(clamp),
+        }
+        return _step_op(*args, **schema_options, backend=backend)
+    return _dispatched(args, options, backend)
+
+
+def _dispatched(args: tuple, options: dict, backend: str | None) -> torch.Tensor:
     return step_op.select(*args, backend=backend, **options).fn(*args, **options)
+
+
+@torch.library.custom_op("fastdiff::step_dispatch", mutates_args=("h0", "h1"))
+def _step_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y_uncond: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    h1: torch.Tensor | None,
+    table: torch.Tensor,
+    counter: torch.Tensor,
+    seed: int,
+    sample_offset: int,
+    guidance: float,
+    clamp: list[float] | None,
+    stochastic: bool,
+    backend: str | None,
+) -> torch.Tensor:
+    options = dict(
+        seed=seed % 2**64,
+        sample_offset=sample_offset,
+        guidance=guidance,
+        clamp=clamp and tuple(clamp),
+        stochastic=stochastic,
+    )
+    return _dispatched((x, y, y_uncond, h0, h1, table, counter), options, backend)
+
+
+@_step_op.register_fake
+def _step_fake(x, y, y_uncond, h0, h1, table, counter, *scalars) -> torch.Tensor:
+    return torch.empty_like(x)  # every backend returns x_next in x's dtype and layout
