@@ -118,13 +118,37 @@ def test_wrap_calls_and_errors():
     assert as_model(plain) is plain
 
 
-def test_sample_with_accelerated_unet():
-    """The integration: fastdiff.sample drives a wrapped, accelerated UNet (reference ops, for
-    speed: the fused ones are checked above)."""
-    unet = accelerate(unet2d_condition())
-    context = torch.randn(1, 7, 24)
-    with torch.no_grad(), use("reference"):
-        out = fastdiff.sample(
-            wrap(unet), (2, 4, 8, 8), sampler="ddim", steps=2, cond={"context": context}
+def samples(model, shape, dtype=torch.float32, **kwargs):
+    """fastdiff.sample with the settings every sampling comparison here shares (a stochastic
+    sampler: the noise added at each step must line up too)."""
+    with torch.no_grad():
+        return fastdiff.sample(
+            model, shape, sampler="euler_a", steps=4, seed=3, dtype=dtype, **kwargs
         )
-    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_sample_diffusers_unet2d():
+    """A raw UNet2DModel goes to fastdiff.sample as it is (its output's .sample is read); its
+    conversion to fastdiff.UNet and its accelerated self sample the same images, within the
+    tolerance rule of the raw model in fp32 against the raw model in fp64."""
+    unet, shape = unet2d(), (2, 3, 8, 8)
+    ref = samples(copy.deepcopy(unet).double(), shape, torch.float64)
+    plain = samples(unet, shape)
+    assert_within_tolerance(samples(fastdiff.UNet.from_diffusers(unet).eval(), shape), ref, plain)
+    assert_within_tolerance(samples(accelerate(copy.deepcopy(unet)), shape), ref, plain)
+
+
+def test_sample_with_accelerated_unet():
+    """The integration: fastdiff.sample with classifier-free guidance drives a wrapped,
+    accelerated UNet2DConditionModel to the unpatched model's samples (tolerance rule, against
+    the unpatched model in fp64)."""
+    unet, shape = unet2d_condition(), (2, 4, 8, 8)
+    context, empty = torch.randn(1, 7, 24), torch.zeros(1, 7, 24)
+
+    def guided(model, dtype=torch.float32):
+        cond, uncond = {"context": context.to(dtype)}, {"context": empty.to(dtype)}
+        return samples(model, shape, dtype, cond=cond, uncond=uncond, guidance_scale=4.0)
+
+    ref = guided(wrap(copy.deepcopy(unet).double()), torch.float64)
+    fast = guided(wrap(accelerate(copy.deepcopy(unet))))
+    assert_within_tolerance(fast, ref, guided(wrap(unet)))

@@ -1,18 +1,21 @@
 """fastdiff.models.UNet: presets against diffusers' architectures (parameter counts, configs and
-outputs of converted models), the fused-op path against the reference path, checkpoints,
-conditioning, a few training steps, and torch.compile without graph breaks."""
+outputs of converted models), the fused-op path against the reference path, which ops a forward
+runs, checkpoints, conditioning, a few training steps, and torch.compile without graph breaks."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors import safe_open
+from torch.profiler import ProfilerActivity, profile
 
 from fastdiff.models import PRESETS, UNet, UNetConfig
 from fastdiff.models import checkpoint as ckpt
 from fastdiff.models.convert import config_from_diffusers, state_dict_from_diffusers
 from fastdiff.ops import use
+from fastdiff.ops._dispatch import triton_devices, triton_ready
 
 # google/ddpm-cifar10-32's config.json (UNet2DModel)
 DDPM_CIFAR10 = dict(
@@ -113,6 +116,7 @@ def test_from_diffusers_names_unsupported_options():
         UNet.from_diffusers(d)
 
 
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["auto", "triton"])
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -122,9 +126,13 @@ def test_from_diffusers_names_unsupported_options():
     ],
     ids=["self-attention", "cross-attention", "classes"],
 )
-def test_fused_ops_match_reference_path(overrides):
-    """The whole network on the dispatched backends (Triton on CPU under the interpreter)
-    against the same network on the reference ops."""
+def test_fused_ops_match_reference_path(overrides, backend):
+    """The whole network on CPU tensors against the same network on the reference ops: with
+    automatic dispatch (the C++ `cpu` GroupNorm+SiLU kernel and `sdpa` attention; Triton runs
+    CPU tensors only by name), and with both ops forced onto Triton (its interpreter on CPU,
+    fed the UNet's strided q, k, v views)."""
+    if backend == "triton" and (triton_ready() or "cpu" not in triton_devices()):
+        pytest.skip(triton_ready() or "Triton runs CPU tensors only under TRITON_INTERPRET=1")
     torch.manual_seed(0)
     model = perturb_norms(UNet.from_preset("digits", **overrides)).eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 600.0])
@@ -134,10 +142,49 @@ def test_fused_ops_match_reference_path(overrides):
     if model.config.num_classes:
         cond["class_labels"] = torch.tensor([2, -1])
     with torch.no_grad():
-        fast = model(x, t, **cond)
+        with use(backend):
+            fast = model(x, t, **cond)
         with use("reference"):
             ref = model(x, t, **cond)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def op_counts(model, *args, **kwargs) -> Counter:
+    """How often each dispatcher op ran in one forward, nested calls included: the profiler
+    records a fused op, the backend kernel inside it and the aten ops alike."""
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(*args, **kwargs)
+    return Counter({e.key: e.count for e in prof.key_averages()})
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [("ddpm-cifar10", {}), ("sd-like", dict(channels=(32, 64, 64, 64), sample_size=16))],
+    ids=["ddpm-cifar10", "sd-like-narrow"],
+)
+def test_forward_runs_the_fused_ops(preset, overrides):
+    """Every GroupNorm+SiLU of a forward is one fastdiff::group_norm_silu call and every
+    attention one fastdiff::attention call, with the counts the config implies; on CPU tensors
+    automatic dispatch runs them on the C++ kernel and on SDPA. The only plain GroupNorms are
+    the attention blocks' own, the only SiLUs the timestep embedding's."""
+    model = UNet.from_preset(preset, **overrides).eval()
+    cfg = model.config
+    x, t = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size), torch.tensor([9.0])
+    cond = {} if cfg.context_dim is None else {"context": torch.randn(1, 5, cfg.context_dim)}
+    n, layers = cfg.levels, cfg.layers_per_block
+    res_blocks = n * layers + 2 + n * (layers + 1)  # down, middle, up (one more per level)
+    attn_blocks = len(cfg.attention_levels) * (2 * layers + 1) + cfg.mid_attention
+    # an AttentionBlock attends once; a SpatialTransformer twice per block (self, cross)
+    attentions = attn_blocks * (1 if cfg.context_dim is None else 2 * cfg.transformer_depth)
+    norm_silus = 2 * res_blocks + 1  # norm1 and norm2 of each residual block, then norm_out
+
+    counts = op_counts(model, x, t, **cond)
+    assert counts["fastdiff::group_norm_silu"] == norm_silus
+    assert counts["fastdiff::group_norm_silu_fwd"] == norm_silus  # the `cpu` backend's kernel
+    assert counts["aten::native_group_norm"] == attn_blocks  # the reference would add its own
+    assert counts["aten::silu"] == 2  # TimestepEmbedding's and UNet.embed's
+    assert counts["fastdiff::attention"] == attentions
+    assert counts["aten::scaled_dot_product_attention"] == attentions  # the `sdpa` backend
 
 
 @pytest.mark.parametrize("conditioning", ["add", "scale_shift"])
