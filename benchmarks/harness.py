@@ -114,7 +114,8 @@ class Probe:
     name: str  # "NVIDIA H100 80GB HBM3", "AMD EPYC"
     slug: str  # for file names: "h100-80gb-hbm3", "cpu-amd-epyc"
     copy_gbps: float  # device-to-device copy, bytes read + written per second / 1e9, best batch
-    matmul_tflops: dict[str, float]  # dtype name -> dense matmul TFLOP/s, best batch
+    # dtype name -> dense matmul TFLOP/s, best batch (CPU fp32: or a convolution's, if higher)
+    matmul_tflops: dict[str, float]
     cache_bytes: int  # last-level cache (L2 on a GPU)
     threads: int
 
@@ -180,7 +181,18 @@ def probe(device: torch.device, quick: bool) -> Probe:
         b, c = torch.randn_like(a), torch.empty_like(a)
         t = measure(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), cuda=cuda, settings=settings)
         tflops[dtype_name] = 2 * n**3 / min(t.samples_s) / 1e12
+    if not cuda:  # a CPU BLAS may leave vector units idle that oneDNN convolutions use
+        tflops["float32"] = max(tflops["float32"], _conv_tflops(quick, settings))
     return Probe(device.type, name, slug, copy_gbps, tflops, cache, torch.get_num_threads())
+
+
+def _conv_tflops(quick: bool, settings: Settings) -> float:
+    """fp32 TFLOP/s of a 3x3 convolution on the CPU (256 -> 256 channels at 32x32)."""
+    channels, size = (128, 16) if quick else (256, 32)
+    x = torch.randn(1, channels, size, size)
+    w = torch.randn(channels, channels, 3, 3)
+    t = measure(lambda: torch.nn.functional.conv2d(x, w, padding=1), cuda=False, settings=settings)
+    return 2 * channels**2 * 9 * size**2 / min(t.samples_s) / 1e12
 
 
 @dataclass
