@@ -205,7 +205,7 @@ def test_cpu_noise_in_bulk():
     assert abs(float(z.mean())) < 5e-3 and abs(float(z.var()) - 1) < 5e-3
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", FUSED)
 def test_noise_is_batch_invariant(backend):
     """Sample n's noise does not depend on the batch it is drawn in."""
     device = device_for(backend)
@@ -248,7 +248,7 @@ def test_trajectory_matches_reference(backend, sampler):
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", FUSED)
 def test_guided_channels_last_trajectory(backend):
     device = device_for(backend)
     require(backend, device)
