@@ -57,14 +57,15 @@ def count(model):
     return fused, attn
 
 
-def check_accelerated(unet, x, t, dtype, **cond):
-    """accelerate(unet) in `dtype` vs unet in `dtype`, both against unet in fp64."""
-    fast = accelerate(copy.deepcopy(unet).to(dtype))
-    plain = wrap(copy.deepcopy(unet).to(dtype))
-    exact = wrap(copy.deepcopy(unet).double())
-    low = {k: v.to(dtype) for k, v in cond.items()}
+def check_accelerated(unet, x, t, dtype, device="cpu", **cond):
+    """accelerate(unet) in `dtype` vs unet in `dtype`, both against unet in fp64, on `device`."""
+    fast = accelerate(copy.deepcopy(unet).to(device, dtype))
+    plain = wrap(copy.deepcopy(unet).to(device, dtype))
+    exact = wrap(copy.deepcopy(unet).to(device, torch.float64))
+    x, t = x.to(device), t.to(device)
+    low = {k: v.to(device, dtype) for k, v in cond.items()}
     with torch.no_grad():
-        ref = exact(x.double(), t, **{k: v.double() for k, v in cond.items()})
+        ref = exact(x.double(), t, **{k: v.to(device, torch.float64) for k, v in cond.items()})
         assert_within_tolerance(
             wrap(fast)(x.to(dtype), t, **low), ref, plain(x.to(dtype), t, **low), floor_ulps=4
         )
@@ -90,6 +91,18 @@ def test_accelerate_unet2d_condition():
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([9.0, 400.0]), torch.randn(2, 7, 24)
     fast = check_accelerated(unet, x, t, torch.float32, context=context)
     assert count(fast) == (8, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_accelerate_on_cuda(dtype):
+    """On a GPU, with the real kernels (CUDA GroupNorm+SiLU, Triton attention), both UNet kinds
+    in 16-bit within the tolerance rule of the unpatched model."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([4.0, 870.0])
+    check_accelerated(unet2d("scale_shift"), x, t, dtype, "cuda")
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 24)
+    check_accelerated(unet2d_condition(), x, t, dtype, "cuda", context=context)
 
 
 def test_masked_cross_attention_keeps_sdpa():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors import safe_open
+from tolerance import assert_within_tolerance
 from torch.profiler import ProfilerActivity, profile
 
 from fastdiff.models import PRESETS, UNet, UNetConfig
@@ -147,6 +148,40 @@ def test_fused_ops_match_reference_path(overrides, backend):
         with use("reference"):
             ref = model(x, t, **cond)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "preset, overrides, batch",
+    [("ddpm-cifar10", {}, 4), ("sd-like", dict(channels=(64, 128, 128, 128), sample_size=32), 2)],
+    ids=["ddpm-cifar10", "sd-like-narrow"],
+)
+def test_fused_ops_on_cuda(preset, overrides, batch, channels_last, dtype):
+    """On a GPU, the whole network in 16-bit on the real kernels (automatic dispatch: CUDA or
+    Triton GroupNorm+SiLU, Triton or SDPA attention) within the tolerance rule of the same
+    network in 16-bit on the reference ops, both against it in fp64."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    model = perturb_norms(UNet.from_preset(preset, **overrides)).eval()
+    cfg = model.config
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device="cuda")
+    t = torch.linspace(3.0, 900.0, batch, device="cuda")
+    cond = {}
+    if cfg.context_dim is not None:
+        cond["context"] = torch.randn(batch, 77, cfg.context_dim, device="cuda")
+    exact = model.to("cuda", torch.float64)
+    with torch.no_grad(), use("reference"):
+        ref = exact(x.double(), t, **{k: v.double() for k, v in cond.items()})
+    low = exact.to(dtype).to(memory_format=fmt)
+    x, cond = x.to(dtype).contiguous(memory_format=fmt), {k: v.to(dtype) for k, v in cond.items()}
+    with torch.no_grad():
+        with use("reference"):
+            plain = low(x, t, **cond)
+        fast = low(x, t, **cond)
+    assert_within_tolerance(fast, ref, plain, floor_ulps=4)
 
 
 def op_counts(model, *args, **kwargs) -> Counter:
