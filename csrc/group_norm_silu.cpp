@@ -4,15 +4,19 @@
 // Every inner loop runs over a contiguous fp32 row without branches or libm calls, so it
 // vectorizes; the row helpers are compiled for AVX-512, AVX2 and baseline x86-64 and picked at
 // load time (GCC/clang target_clones).
-//   NCHW: one OpenMP task per (batch, group). The group (+ residual) is read once into an fp32
-//     buffer (C/G x S floats, cache resident for UNet groups); mean and centred second moment
-//     come from the buffer, then the output is written in one pass.
+//   NCHW: one OpenMP task per (batch, group), whose C/G x S elements are contiguous. An fp32 x
+//     is read in place, a 16-bit one (or x + a full-size residual) once into an fp32 buffer
+//     (cache resident for UNet groups). A per-channel residual r is never added: the statistics
+//     and the output take x - (mean - r) per channel. Each helper call covers a whole group (in
+//     fp32 sums of at most kChunk elements, added up in double), not a row of S positions: at
+//     4x4 and 8x8 a call per row cost more than the row itself.
 //   channels_last: one task per batch element. Rows are positions (all C channels contiguous);
 //     per-channel sums and centred sums are accumulated along the rows and reduced to groups.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -69,17 +73,12 @@ inline float silu_f32(float v) { return v / (1.0f + exp_f32(-v)); }
 
 // -- row helpers (the hot loops) --------------------------------------------------------------
 
+constexpr int64_t kChunk = 2048;  // elements summed in fp32 before a flush to double
+
 FASTDIFF_VECTOR_CLONES float row_sum(const float* v, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t k = 0; k < n; ++k) s += v[k];
-  return s;
-}
-
-FASTDIFF_VECTOR_CLONES float row_centred_sq(const float* v, float mean, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += (v[k] - mean) * (v[k] - mean);
   return s;
 }
 
@@ -94,11 +93,36 @@ FASTDIFF_VECTOR_CLONES void accumulate_centred_sq(float* acc, const float* v, co
   for (int64_t k = 0; k < n; ++k) acc[k] += (v[k] - mean[k]) * (v[k] - mean[k]);
 }
 
-// y = silu((h - mean) * scale + shift) with one (mean, scale, shift) for the row
-FASTDIFF_VECTOR_CLONES void silu_row(const float* h, float* y, int64_t n, float mean, float scale,
-                                     float shift) {
+// sum over `rows` consecutive rows of n of (v - centre[row])^2: fp32 sums of at most kChunk
+// elements, added up in double
+FASTDIFF_VECTOR_CLONES double centred_sq_rows(const float* v, int64_t rows, int64_t n,
+                                              const float* centre) {
+  double total = 0.0;
+  for (int64_t c = 0; c < rows; ++c) {
+    const float mu = centre[c];
+    for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+      const float* vc = v + c * n + k0;
+      const int64_t m = std::min(kChunk, n - k0);
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < m; ++k) s += (vc[k] - mu) * (vc[k] - mu);
+      total += s;
+    }
+  }
+  return total;
+}
+
+// y = silu((h - centre[row]) * scale[row] + shift[row]) over `rows` consecutive rows of n
+FASTDIFF_VECTOR_CLONES void silu_rows(const float* h, float* y, int64_t rows, int64_t n,
+                                      const float* centre, const float* scale,
+                                      const float* shift) {
+  for (int64_t c = 0; c < rows; ++c) {
+    const float* hc = h + c * n;
+    float* yc = y + c * n;
+    const float mu = centre[c], sc = scale[c], sh = shift[c];
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) y[k] = silu_f32((h[k] - mean) * scale + shift);
+    for (int64_t k = 0; k < n; ++k) yc[k] = silu_f32((hc[k] - mu) * sc + sh);
+  }
 }
 
 // the same with per-element (mean, scale, shift)
@@ -150,38 +174,52 @@ void residual_channels(const GroupNormSiluArgs& a, const scalar_t* res, int64_t 
 
 // -- the two layouts --------------------------------------------------------------------------
 
+// sum over v[0, n) in fp32 chunks of at most kChunk, added up in double
+double chunked_sum(const float* v, int64_t n) {
+  double s = 0.0;
+  for (int64_t k = 0; k < n; k += kChunk) s += row_sum(v + k, std::min(kChunk, n - k));
+  return s;
+}
+
 template <typename scalar_t>
 void nchw_kernel(const GroupNormSiluArgs& a, const scalar_t* x, const scalar_t* res,
                  const scalar_t* ss, scalar_t* y) {
   const int64_t S = a.spatial, cpg = a.channels_per_group(), n = cpg * S;
   const bool full = a.residual_kind == ResidualKind::kFull;
   const bool per_channel = a.residual_kind == ResidualKind::kPerChannel;
+  // a per-channel residual r is never added to x: the statistics and the output take x - c
+  // with the centre c = mean - r of each channel. So an fp32 x without a full-size residual is
+  // read in place.
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
+  const bool in_place = is_float && !full;
 #pragma omp parallel if (a.batch * a.groups > 1 && a.x.numel() >= 32768)
   {
-    std::vector<float> h(n), out_row(S), r(a.channels), scale(cpg), shift(cpg);
+    std::vector<float> h(in_place ? 0 : n), out(is_float ? 0 : n), r(a.channels, 0.f),
+        centre(cpg), scale(cpg), shift(cpg);
 #pragma omp for
     for (int64_t bg = 0; bg < a.batch * a.groups; ++bg) {
-      const int64_t b = bg / a.groups, c0 = (bg % a.groups) * cpg;
-      if (per_channel) residual_channels(a, res, b, r.data());
-      double sum = 0.0;
-      for (int64_t c = 0; c < cpg; ++c) {
-        const int64_t off = a.offset(b, c0 + c, 0);
-        float* hr = h.data() + c * S;
-        load_row(hr, x + off, full ? res + off : nullptr, nullptr, per_channel ? r[c0 + c] : 0.f,
-                 S);
-        sum += row_sum(hr, S);
+      const int64_t b = bg / a.groups, c0 = (bg % a.groups) * cpg, off = a.offset(b, c0, 0);
+      const float* group = h.data();
+      if (in_place) {
+        group = reinterpret_cast<const float*>(x + off);
+      } else {
+        load_row<scalar_t>(h.data(), x + off, full ? res + off : nullptr, nullptr, 0.f, n);
+      }
+      double sum = chunked_sum(group, n);
+      if (per_channel) {
+        residual_channels(a, res, b, r.data());
+        for (int64_t c = 0; c < cpg; ++c) sum += static_cast<double>(S) * r[c0 + c];
       }
       const float mean = static_cast<float>(sum / static_cast<double>(n));
-      double m2 = 0.0;
-      for (int64_t c = 0; c < cpg; ++c) m2 += row_centred_sq(h.data() + c * S, mean, S);
+      for (int64_t c = 0; c < cpg; ++c) centre[c] = mean - r[c0 + c];
+      // without a per-channel residual every centre is the mean: one row of n
+      const double m2 = per_channel ? centred_sq_rows(group, cpg, S, centre.data())
+                                    : centred_sq_rows(group, 1, n, &mean);
       const float rstd = static_cast<float>(1.0 / std::sqrt(m2 / static_cast<double>(n) + a.eps));
       channel_affine(a, ss, b, c0, cpg, rstd, scale.data(), shift.data());
-      for (int64_t c = 0; c < cpg; ++c) {
-        scalar_t* yr = y + a.offset(b, c0 + c, 0);
-        float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(yr) : out_row.data();
-        silu_row(h.data() + c * S, dst, S, mean, scale[c], shift[c]);
-        if constexpr (!std::is_same_v<scalar_t, float>) store_row(yr, dst, S);
-      }
+      float* dst = is_float ? reinterpret_cast<float*>(y + off) : out.data();
+      silu_rows(group, dst, cpg, S, centre.data(), scale.data(), shift.data());
+      if constexpr (!is_float) store_row(y + off, dst, n);
     }
   }
 }
