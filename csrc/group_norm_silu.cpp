@@ -10,8 +10,10 @@
 //     and the output take x - (mean - r) per channel. Each helper call covers a whole group (in
 //     fp32 sums of at most kChunk elements, added up in double), not a row of S positions: at
 //     4x4 and 8x8 a call per row cost more than the row itself.
-//   channels_last: one task per batch element. Rows are positions (all C channels contiguous);
-//     per-channel sums and centred sums are accumulated along the rows and reduced to groups.
+//   channels_last: one task per batch element. Rows are positions (all C channels contiguous).
+//     Blocks of positions are read once into an fp32 buffer that stays in L2: per channel its
+//     sum, then its sum of squares about the block's mean; the blocks' moments merge per group
+//     (law of total variance). The output is a second pass over x.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -231,54 +233,76 @@ void channels_last_kernel(const GroupNormSiluArgs& a, const scalar_t* x, const s
   const double n = static_cast<double>(cpg * S);
   const bool full = a.residual_kind == ResidualKind::kFull;
   const bool per_channel = a.residual_kind == ResidualKind::kPerChannel;
-  constexpr int64_t kBlock = 256;  // positions summed in fp32 before a flush to double
+  // as in nchw_kernel, an fp32 x without a full-size residual is read in place and a
+  // per-channel residual r enters as centres mean - r; otherwise rows are loaded with r added
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
+  const bool in_place = is_float && !full;
+  // positions per block: a block of P x C fp32 values (<= 128 KB) stays in L2 between its sum
+  // and its centred sum, so the statistics read x once
+  const int64_t P = std::clamp<int64_t>(32768 / C, 1, 256);
+  const int64_t nblocks = (S + P - 1) / P;
 #pragma omp parallel if (a.batch > 1 && a.x.numel() >= 32768)
   {
-    std::vector<float> h(C), out_row(C), r(C), acc(C), mean(C), scale(C), shift(C);
-    std::vector<double> total(C);
-    // acc[c] gathers `accumulate_row(acc, h)` over the positions; total[c] in double
-    const auto sweep = [&](int64_t b, auto accumulate_row) {
-      std::fill(total.begin(), total.end(), 0.0);
-      for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t s = s0; s < std::min(S, s0 + kBlock); ++s) {
-          const int64_t off = a.offset(b, 0, s);
-          load_row(h.data(), x + off, full ? res + off : nullptr, per_channel ? r.data() : nullptr,
-                   0.f, C);
-          accumulate_row(acc.data(), h.data());
-        }
-        for (int64_t c = 0; c < C; ++c) total[c] += acc[c];
-      }
-    };
-    // per group: the sum of total over the group's channels / n, spread back over the channels
-    const auto group_means = [&](float* dst) {
-      for (int64_t g = 0; g < G; ++g) {
-        double s = 0.0;
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += total[c];
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) dst[c] = static_cast<float>(s / n);
-      }
+    std::vector<float> buffer(in_place ? 0 : P * C), out_row(is_float ? 0 : C), r(C, 0.f),
+        acc(C), block_mean(nblocks * C), centre(C), scale(C), shift(C);
+    std::vector<double> total(C), m2(C);
+    // row s of batch b in fp32: x itself, or its conversion (+ residual) in buffer row `slot`
+    const auto row = [&](int64_t b, int64_t s, int64_t slot) -> const float* {
+      const int64_t off = a.offset(b, 0, s);
+      if (in_place) return reinterpret_cast<const float*>(x + off);
+      float* dst = buffer.data() + slot * C;
+      load_row(dst, x + off, full ? res + off : nullptr, per_channel ? r.data() : nullptr, 0.f, C);
+      return dst;
     };
 #pragma omp for
     for (int64_t b = 0; b < a.batch; ++b) {
       if (per_channel) residual_channels(a, res, b, r.data());
-      sweep(b, [&](float* acc_row, const float* hr) { accumulate(acc_row, hr, C); });
-      group_means(mean.data());
-      sweep(b, [&](float* acc_row, const float* hr) {
-        accumulate_centred_sq(acc_row, hr, mean.data(), C);
-      });
-      group_means(scale.data());  // the variance per channel's group, for now
+      // r as it still has to be added (in place: all of it; loaded rows hold it already)
+      const float* r_left = in_place ? r.data() : nullptr;
+      // per channel and block: the block's mean and its centred second moment (law of total
+      // variance: M2 = the blocks' M2 + sum over blocks of m_j (mean_j - mean)^2, per group)
+      std::fill(total.begin(), total.end(), 0.0);
+      std::fill(m2.begin(), m2.end(), 0.0);
+      for (int64_t j = 0; j < nblocks; ++j) {
+        const int64_t s0 = j * P, m = std::min(P, S - s0);
+        float* mu = block_mean.data() + j * C;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t s = 0; s < m; ++s) accumulate(acc.data(), row(b, s0 + s, s), C);
+        for (int64_t c = 0; c < C; ++c) mu[c] = acc[c] / static_cast<float>(m);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t s = 0; s < m; ++s) {
+          const float* h = in_place ? row(b, s0 + s, s) : buffer.data() + s * C;
+          accumulate_centred_sq(acc.data(), h, mu, C);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          m2[c] += acc[c];
+          if (r_left != nullptr) mu[c] += r_left[c];
+          total[c] += static_cast<double>(mu[c]) * static_cast<double>(m);
+        }
+      }
       for (int64_t g = 0; g < G; ++g) {
-        const float rstd = 1.f / std::sqrt(scale[g * cpg] + a.eps);
-        channel_affine(a, ss, b, g * cpg, cpg, rstd, scale.data() + g * cpg, shift.data() + g * cpg);
+        const int64_t c0 = g * cpg, c1 = c0 + cpg;
+        double sum = 0.0, group_m2 = 0.0;
+        for (int64_t c = c0; c < c1; ++c) sum += total[c];
+        const double mean = sum / n;
+        for (int64_t c = c0; c < c1; ++c) group_m2 += m2[c];
+        for (int64_t j = 0; j < nblocks; ++j) {
+          const double m = static_cast<double>(std::min(P, S - j * P));
+          for (int64_t c = c0; c < c1; ++c) {
+            const double d = block_mean[j * C + c] - mean;
+            group_m2 += m * d * d;
+          }
+        }
+        const float rstd = static_cast<float>(1.0 / std::sqrt(group_m2 / n + a.eps));
+        for (int64_t c = c0; c < c1; ++c)
+          centre[c] = static_cast<float>(mean) - (r_left != nullptr ? r_left[c] : 0.f);
+        channel_affine(a, ss, b, c0, cpg, rstd, scale.data() + c0, shift.data() + c0);
       }
       for (int64_t s = 0; s < S; ++s) {
         const int64_t off = a.offset(b, 0, s);
-        load_row(h.data(), x + off, full ? res + off : nullptr, per_channel ? r.data() : nullptr,
-                 0.f, C);
-        float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(y + off)
-                                                     : out_row.data();
-        silu_row(h.data(), dst, C, mean.data(), scale.data(), shift.data());
-        if constexpr (!std::is_same_v<scalar_t, float>) store_row(y + off, dst, C);
+        float* dst = is_float ? reinterpret_cast<float*>(y + off) : out_row.data();
+        silu_row(row(b, s, 0), dst, C, centre.data(), scale.data(), shift.data());
+        if constexpr (!is_float) store_row(y + off, dst, C);
       }
     }
   }
