@@ -268,7 +268,10 @@ void channels_last_kernel(const GroupNormSiluArgs& a, const scalar_t* x, const s
         float* mu = block_mean.data() + j * C;
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t s = 0; s < m; ++s) accumulate(acc.data(), row(b, s0 + s, s), C);
-        for (int64_t c = 0; c < C; ++c) mu[c] = acc[c] / static_cast<float>(m);
+        for (int64_t c = 0; c < C; ++c) {
+          total[c] += acc[c];
+          mu[c] = acc[c] / static_cast<float>(m);
+        }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t s = 0; s < m; ++s) {
           const float* h = in_place ? row(b, s0 + s, s) : buffer.data() + s * C;
@@ -276,8 +279,10 @@ void channels_last_kernel(const GroupNormSiluArgs& a, const scalar_t* x, const s
         }
         for (int64_t c = 0; c < C; ++c) {
           m2[c] += acc[c];
-          if (r_left != nullptr) mu[c] += r_left[c];
-          total[c] += static_cast<double>(mu[c]) * static_cast<double>(m);
+          if (r_left != nullptr) {
+            mu[c] += r_left[c];
+            total[c] += static_cast<double>(m) * r_left[c];
+          }
         }
       }
       for (int64_t g = 0; g < G; ++g) {
