@@ -34,6 +34,14 @@ const char* layout_name(const at::Tensor& t) {
   return nullptr;
 }
 
+// the same memory order: equal strides wherever a dimension has more than one element (a
+// size-1 dimension's stride is never used: (B, 1, H, W) is NCHW and channels_last at once)
+bool same_layout(const at::Tensor& t, const at::Tensor& x) {
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (x.size(d) > 1 && t.stride(d) != x.stride(d)) return false;
+  return true;
+}
+
 void check_like(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.sizes() == x.sizes(), "fastdiff::step: ", name, " must have x's shape ",
               x.sizes(), ", got ", t.sizes());
@@ -42,7 +50,7 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& x) {
               "; convert it with .to(x.dtype)");
   TORCH_CHECK(t.device() == x.device(), "fastdiff::step: ", name, " must be on x's device (",
               x.device(), "), got ", t.device());
-  TORCH_CHECK(t.strides() == x.strides(), "fastdiff::step: ", name,
+  TORCH_CHECK(same_layout(t, x), "fastdiff::step: ", name,
               " must have x's memory layout (", layout_name(x), ", strides ", x.strides(),
               "), got strides ", t.strides(),
               "; convert it with .contiguous(memory_format=...) to match x");

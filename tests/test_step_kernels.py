@@ -382,6 +382,50 @@ def test_layout_conversions_never_give_a_wrong_answer():
     torch.testing.assert_close(h, expected_h0, atol=1e-6, rtol=0)
 
 
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    """t in NHWC memory with the strides a channels_last convolution gives it, also for one
+    channel (where .contiguous(memory_format=torch.channels_last) keeps NCHW strides)."""
+    B, C, H, W = t.shape
+    return t.new_empty(B, H, W, C).copy_(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_size_one_dims_take_any_stride(backend):
+    """(B, 1, H, W) is NCHW and channels_last at once: y, y_uncond and h0 with the other
+    format's strides (a channels_last model on grayscale images) are the same memory and are
+    taken as they are, with the reference's result, by the kernel too."""
+    device = device_for(backend)
+    require(backend, device)
+    g = torch.Generator().manual_seed(3)
+    table, counter = plan_table("dpmpp_2m").to(device), torch.tensor(2, device=device)
+    x = randn((2, 1, 5, 7), torch.float32, device, g)
+    y, y_uncond, h0 = (nhwc(randn((2, 1, 5, 7), torch.float32, device, g)) for _ in range(3))
+    assert y.stride() != x.stride() and y.is_contiguous()
+    h0_before, expected_h0 = h0.clone(), h0.clone()
+    kwargs = dict(seed=7, guidance=3.0)
+    ref = step_reference(x, y, y_uncond, expected_h0, None, table, counter, **kwargs)
+    assert step_op.select(x, y, y_uncond, h0, None, table, counter, backend=backend)
+    out = step(x, y, y_uncond, h0, None, table, counter, backend=backend, **kwargs)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h0, expected_h0, atol=1e-6, rtol=0)
+    if backend in EXTENSION:  # the op itself, past the Python wrapper's checks
+        h = nhwc(h0_before)
+        raw = torch.ops.fastdiff.step(
+            x, y, y_uncond, h, None, table, counter, 7, 0, 3.0, None, True
+        )
+        assert torch.equal(raw, out) and torch.equal(h, h0)
+
+
+def test_channels_last_model_on_one_channel_images():
+    """fastdiff.sample with a model whose output has NHWC strides on 1-channel images (what a
+    channels_last UNet returns) draws exactly the samples of the NCHW model."""
+    require("cpu", "cpu")
+    cl = lambda x, t: nhwc(toy(x, t))
+    kwargs = dict(sampler="dpmpp_2m_sde", steps=4, seed=2, backend="cpu")
+    shape = (3, 1, 6, 6)
+    assert torch.equal(fastdiff.sample(cl, shape, **kwargs), fastdiff.sample(toy, shape, **kwargs))
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

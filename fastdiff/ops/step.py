@@ -123,7 +123,7 @@ def _fused_check(
     for name, h in (("h0", h0), ("h1", h1)):
         if h is None:
             continue
-        if h.stride() != x.stride():
+        if not _same_layout(h, x):
             reasons.append(
                 f"{name} (updated in place) has strides {h.stride()} but x has {x.stride()}; "
                 "allocate the history like x (torch.zeros_like(x))"
@@ -149,9 +149,16 @@ def _fused_check(
 _TABLE_DTYPES = (torch.float32, torch.float64)
 
 
+def _same_layout(t: torch.Tensor, x: torch.Tensor) -> bool:
+    """t (of x's shape) in x's memory order: equal strides wherever a dimension has more than
+    one element. A size-1 dimension's stride is never used: (B, 1, H, W) is NCHW and
+    channels_last at once, with either stride for its channels."""
+    return all(a == b for a, b, n in zip(t.stride(), x.stride(), x.shape) if n > 1)
+
+
 def _like_x(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     """t in x's memory layout (a copy only when it differs)."""
-    if t is None or t.stride() == x.stride():
+    if t is None or _same_layout(t, x):
         return t
     fmt = torch.channels_last if _layout(x) == "channels_last" else torch.contiguous_format
     return t.contiguous(memory_format=fmt)
