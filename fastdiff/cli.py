@@ -196,6 +196,11 @@ def _run_sample(args) -> int:
         raise ValueError(f"--out must be a .png file, got {args.out}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = checkpoints.load(args.model, device=device)
+    if torch.device(device).type == "cpu":
+        # oneDNN's convolutions run NHWC natively: the shipped model samples 1.3x faster on the
+        # AMD EPYC machine (2 threads, 2026-12-01) with channels_last weights; the samples are
+        # the same to rounding
+        ckpt.model.to(memory_format=torch.channels_last)
     sampler = args.sampler or ckpt.default_sampler
     steps = args.steps if args.steps is not None else ckpt.default_steps
     batch = min(args.batch_size or args.num, args.num)
