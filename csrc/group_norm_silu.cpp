@@ -22,13 +22,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <optional>
 #include <type_traits>
 #include <vector>
 
+#include "cpu_convert.h"
 #include "group_norm_silu.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -137,47 +135,7 @@ FASTDIFF_VECTOR_CLONES void silu_row(const float* h, float* y, int64_t n, const 
   for (int64_t k = 0; k < n; ++k) y[k] = silu_f32((h[k] - mean[k]) * scale[k] + shift[k]);
 }
 
-// -- loads and stores -------------------------------------------------------------------------
-
-// fp16 rows convert with F16C's vcvtph2ps / vcvtps2ph (8 at a time, round to nearest even, as
-// c10::Half does) where the CPU has it, every AVX2 CPU does; c10::Half's own conversion is
-// scalar bit manipulation, and made the fp16 kernel 3x slower than torch's.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTDIFF_F16C 1
-
-bool has_f16c() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("f16c"));
-  return yes;
-}
-
-__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst,
-                                                              int64_t n) {
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(
-                                  reinterpret_cast<const __m128i*>(src + k))));
-  for (; k < n; ++k) dst[k] = _cvtsh_ss(src[k]);
-}
-
-__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, uint16_t* dst,
-                                                              int64_t n) {
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
-  for (; k < n; ++k) dst[k] = _cvtss_sh(src[k], _MM_FROUND_TO_NEAREST_INT);
-}
-#endif
-
-template <typename scalar_t>
-void to_float(float* dst, const scalar_t* x, int64_t n) {
-#ifdef FASTDIFF_F16C
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    if (has_f16c()) return half_to_float_f16c(reinterpret_cast<const uint16_t*>(x), dst, n);
-  }
-#endif
-  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(x[k]);
-}
+// -- loads ------------------------------------------------------------------------------------
 
 // dst = x (+ residual row) (+ residual per element of the row) in fp32
 template <typename scalar_t>
@@ -193,16 +151,6 @@ void load_row(float* dst, const scalar_t* x, const scalar_t* res_row, const floa
     }
   }
   if (res_channel != nullptr) accumulate(dst, res_channel, n);
-}
-
-template <typename scalar_t>
-void store_row(scalar_t* y, const float* src, int64_t n) {
-#ifdef FASTDIFF_F16C
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    if (has_f16c()) return float_to_half_f16c(src, reinterpret_cast<uint16_t*>(y), n);
-  }
-#endif
-  for (int64_t k = 0; k < n; ++k) y[k] = static_cast<scalar_t>(src[k]);
 }
 
 // scale_c = w rstd (1 + s), shift_c = b (1 + s) + t for the channels [c0, c0 + n) of batch b
@@ -273,7 +221,7 @@ void nchw_kernel(const GroupNormSiluArgs& a, const scalar_t* x, const scalar_t* 
       channel_affine(a, ss, b, c0, cpg, rstd, scale.data(), shift.data());
       float* dst = is_float ? reinterpret_cast<float*>(y + off) : out.data();
       silu_rows(group, dst, cpg, S, centre.data(), scale.data(), shift.data());
-      if constexpr (!is_float) store_row(y + off, dst, n);
+      if constexpr (!is_float) from_float(y + off, dst, n);
     }
   }
 }
@@ -359,7 +307,7 @@ void channels_last_kernel(const GroupNormSiluArgs& a, const scalar_t* x, const s
         const int64_t off = a.offset(b, 0, s);
         float* dst = is_float ? reinterpret_cast<float*>(y + off) : out_row.data();
         silu_row(row(b, s, 0), dst, C, centre.data(), scale.data(), shift.data());
-        if constexpr (!is_float) store_row(y + off, dst, C);
+        if constexpr (!is_float) from_float(y + off, dst, C);
       }
     }
   }

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_convert.h"
 #include "philox.h"
 #include "step.h"
 
@@ -233,6 +234,26 @@ FASTDIFF_CLONES void update_span(const Pointers<T>& p, const Row& r, int64_t i0,
   }
 }
 
+// update_span over one tile. A 16-bit state with vector conversions (cpu_convert.h) converts
+// the tile's operands into fp32 rows, runs the fp32 update on them and converts its outputs
+// back: the same values as converting element by element. `rows` holds 6 x n floats.
+template <typename T, bool kGuided, int kS0, int kS1>
+void update_tile(const Pointers<T>& p, const Row& r, int64_t i0, int64_t n, const float* z,
+                 float* rows) {
+  if (rows == nullptr) return update_span<T, kGuided, kS0, kS1>(p, r, i0, n, z);
+  float *x = rows, *y = rows + n, *yu = rows + 2 * n, *h0 = rows + 3 * n, *h1 = rows + 4 * n,
+        *out = rows + 5 * n;
+  to_float(x, p.x + i0, n);
+  to_float(y, p.y + i0, n);
+  if (kGuided) to_float(yu, p.yu + i0, n);
+  if (kS0) to_float(h0, p.h0 + i0, n);
+  if (kS1) to_float(h1, p.h1 + i0, n);
+  update_span<float, kGuided, kS0, kS1>({x, y, yu, h0, h1, out}, r, 0, n, z);
+  from_float(p.out + i0, out, n);
+  if (kS0 == 2) from_float(p.h0 + i0, h0, n);
+  if (kS1 == 2) from_float(p.h1 + i0, h1, n);
+}
+
 template <typename F>
 void dispatch_bool(bool v, F&& f) {
   if (v) {
@@ -267,13 +288,15 @@ void run_tiles(const Pointers<T>& p, const Problem& pr, const Row& r, bool noise
   const int threads = big && !at::in_parallel_region() ? at::get_num_threads() : 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<float> z(tp * C + 4, 0.0f), run(noise && C > 1 ? tp + 8 : 0);
+    std::vector<float> z(tp * C + 4, 0.0f), run(noise && C > 1 ? tp + 8 : 0),
+        rows(fast_rows<T>() ? 6 * tp * C : 0);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t j = i % tiles_per_sample;
       const Tile t{i / tiles_per_sample, j * tp, std::min(P, (j + 1) * tp)};
       if (noise) tile_noise(pr, t, seed, s, sample_offset, z.data(), run.data());
-      update_span<T, kGuided, kS0, kS1>(p, r, (t.b * P + t.p0) * C, (t.p1 - t.p0) * C, z.data());
+      update_tile<T, kGuided, kS0, kS1>(p, r, (t.b * P + t.p0) * C, (t.p1 - t.p0) * C, z.data(),
+                                        rows.empty() ? nullptr : rows.data());
     }
   }
 }
