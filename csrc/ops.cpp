@@ -8,11 +8,12 @@ TORCH_LIBRARY(fastdiff, m) {
   // a * x + b * y in fp32 arithmetic; exists to prove the C++/CUDA build end to end.
   m.def("axpby(Tensor x, Tensor y, float a, float b) -> Tensor");
   // One sampler step (fastdiff/ops/step.py): row table[counter] applied to x; returns x_next,
-  // updates h0/h1 in place. seed: the uint64 seed as two's-complement int64.
+  // updates h0/h1 in place. seed: the uint64 seed as two's-complement int64. nonfinite: int32
+  // of shape (rows,); element `counter` is set to 1 when x_next holds a NaN or an infinity.
   m.def(
       "step(Tensor x, Tensor y, Tensor? y_uncond, Tensor(a!)? h0, Tensor(b!)? h1, Tensor table, "
       "Tensor counter, int seed, int sample_offset, float guidance, float[]? clamp, "
-      "bool stochastic) -> Tensor");
+      "bool stochastic, Tensor(c!)? nonfinite=None) -> Tensor");
   // silu(group_norm(x + residual) * (1 + scale) + shift); weight/bias fp32; see group_norm_silu.h
   m.def(
       "group_norm_silu_fwd(Tensor x, int num_groups, Tensor weight, Tensor bias, float eps, "

@@ -64,7 +64,8 @@ Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
                           const std::optional<at::Tensor>& h0,
                           const std::optional<at::Tensor>& h1, const at::Tensor& table,
                           const at::Tensor& counter, int64_t sample_offset, double guidance,
-                          std::optional<at::ArrayRef<double>> clamp, bool stochastic) {
+                          std::optional<at::ArrayRef<double>> clamp, bool stochastic,
+                          const std::optional<at::Tensor>& nonfinite) {
   TORCH_CHECK(is_supported_float(x.scalar_type()),
               "fastdiff::step: x must be a float32, float16 or bfloat16 tensor, got ",
               x.scalar_type(), " (float64 runs on the reference backend)");
@@ -96,6 +97,16 @@ Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
               counter.scalar_type(), " of shape ", counter.sizes());
   TORCH_CHECK(counter.device() == x.device(), "fastdiff::step: counter must be on x's device (",
               x.device(), "), got ", counter.device());
+  if (nonfinite) {
+    TORCH_CHECK(nonfinite->scalar_type() == at::kInt && nonfinite->dim() == 1 &&
+                    nonfinite->size(0) == table.size(0) && nonfinite->is_contiguous(),
+                "fastdiff::step: nonfinite must be a contiguous int32 tensor of shape (rows,) = (",
+                table.size(0), ",), one flag per table row, got ", nonfinite->scalar_type(),
+                " of shape ", nonfinite->sizes());
+    TORCH_CHECK(nonfinite->device() == x.device(),
+                "fastdiff::step: nonfinite must be on x's device (", x.device(), "), got ",
+                nonfinite->device());
+  }
 
   Problem p;
   p.batch = x.size(0);
@@ -274,11 +285,19 @@ void dispatch_slot(bool present, bool written, F&& f) {
   }
 }
 
+// Whether out[0 .. n) holds a NaN or an infinity.
+template <typename T>
+FASTDIFF_CLONES bool any_nonfinite(const T* __restrict__ out, int64_t n) {
+  bool bad = false;
+  for (int64_t k = 0; k < n; ++k) bad |= nonfinite_bits(out[k]);
+  return bad;
+}
+
 // All tiles of the call, split statically over the OpenMP threads; each thread has its own
-// noise buffers.
+// noise buffers. Returns whether x_next holds a non-finite value (checked when `check`).
 template <typename T, bool kGuided, int kS0, int kS1>
-void run_tiles(const Pointers<T>& p, const Problem& pr, const Row& r, bool noise, uint64_t seed,
-               uint32_t s, int64_t sample_offset) {
+bool run_tiles(const Pointers<T>& p, const Problem& pr, const Row& r, bool noise, uint64_t seed,
+               uint32_t s, int64_t sample_offset, bool check) {
   const int64_t P = pr.positions, C = pr.channels;
   // ~4096 elements per tile (16 KiB of fp32 noise: stays in L1/L2), at least 16 positions.
   const int64_t tp = std::max<int64_t>(16, (4096 / C + 3) / 4 * 4);
@@ -286,19 +305,23 @@ void run_tiles(const Pointers<T>& p, const Problem& pr, const Row& r, bool noise
   // as at::parallel_for: no threads for small states, none inside another parallel region
   const bool big = pr.batch * pr.per_sample() >= (1 << 15);
   const int threads = big && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  bool bad = false;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> z(tp * C + 4, 0.0f), run(noise && C > 1 ? tp + 8 : 0),
         rows(fast_rows<T>() ? 6 * tp * C : 0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) reduction(|| : bad)
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t j = i % tiles_per_sample;
       const Tile t{i / tiles_per_sample, j * tp, std::min(P, (j + 1) * tp)};
       if (noise) tile_noise(pr, t, seed, s, sample_offset, z.data(), run.data());
-      update_tile<T, kGuided, kS0, kS1>(p, r, (t.b * P + t.p0) * C, (t.p1 - t.p0) * C, z.data(),
+      const int64_t i0 = (t.b * P + t.p0) * C, n = (t.p1 - t.p0) * C;
+      update_tile<T, kGuided, kS0, kS1>(p, r, i0, n, z.data(),
                                         rows.empty() ? nullptr : rows.data());
+      if (check) bad = any_nonfinite(p.out + i0, n) || bad;  // the tile is still in L1
     }
   }
+  return bad;
 }
 
 template <typename T>
@@ -315,9 +338,10 @@ at::Tensor step_cpu(const at::Tensor& x, const at::Tensor& y,
                     const std::optional<at::Tensor>& y_uncond, const std::optional<at::Tensor>& h0,
                     const std::optional<at::Tensor>& h1, const at::Tensor& table,
                     const at::Tensor& counter, int64_t seed, int64_t sample_offset,
-                    double guidance, std::optional<at::ArrayRef<double>> clamp, bool stochastic) {
+                    double guidance, std::optional<at::ArrayRef<double>> clamp, bool stochastic,
+                    const std::optional<at::Tensor>& nonfinite) {
   Problem pr = check_step_inputs(x, y, y_uncond, h0, h1, table, counter, sample_offset, guidance,
-                                 clamp, stochastic);
+                                 clamp, stochastic, nonfinite);
   TORCH_CHECK(x.device().is_cpu(), "fastdiff::step: the CPU kernel got a tensor on ", x.device());
   const int64_t row_index = *counter.const_data_ptr<int64_t>();
   TORCH_CHECK(row_index >= 0 && row_index < table.size(0), "fastdiff::step: counter is ",
@@ -334,6 +358,7 @@ at::Tensor step_cpu(const at::Tensor& x, const at::Tensor& y,
 
   at::Tensor out = at::empty_like(x);  // same strides: x is dense
   if (x.numel() == 0) return out;
+  bool bad = false;
   FASTDIFF_DISPATCH_FLOAT(x.scalar_type(), "fastdiff::step", [&] {
     const Pointers<scalar_t> p{x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
                                ptr<scalar_t>(y_uncond),      mutable_ptr<scalar_t>(h0),
@@ -341,12 +366,14 @@ at::Tensor step_cpu(const at::Tensor& x, const at::Tensor& y,
     dispatch_bool(pr.guided, [&](auto guided) {
       dispatch_slot(pr.has_h0, r.w[0], [&](auto s0) {
         dispatch_slot(pr.has_h1, r.w[1], [&](auto s1) {
-          run_tiles<scalar_t, decltype(guided)::value, decltype(s0)::value, decltype(s1)::value>(
-              p, pr, rz, noise, static_cast<uint64_t>(seed), s, sample_offset);
+          bad = run_tiles<scalar_t, decltype(guided)::value, decltype(s0)::value,
+                          decltype(s1)::value>(p, pr, rz, noise, static_cast<uint64_t>(seed), s,
+                                               sample_offset, nonfinite.has_value());
         });
       });
     });
   });
+  if (bad) nonfinite->mutable_data_ptr<int32_t>()[row_index] = 1;
   return out;
 }
 

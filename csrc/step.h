@@ -12,10 +12,13 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "philox.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 
 #include <optional>
 
@@ -129,7 +132,25 @@ Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
                           const std::optional<at::Tensor>& h0,
                           const std::optional<at::Tensor>& h1, const at::Tensor& table,
                           const at::Tensor& counter, int64_t sample_offset, double guidance,
-                          std::optional<at::ArrayRef<double>> clamp, bool stochastic);
+                          std::optional<at::ArrayRef<double>> clamp, bool stochastic,
+                          const std::optional<at::Tensor>& nonfinite);
+
+// Whether a value of the state's dtype is NaN or infinite (all exponent bits set), from its
+// bits: branch-free, so a loop over a tile vectorises.
+template <typename T>
+FASTDIFF_HD bool nonfinite_bits(T v) {
+  if constexpr (sizeof(T) == 4) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    return (b & 0x7f800000u) == 0x7f800000u;
+  } else {
+    uint16_t b;
+    memcpy(&b, &v, 2);
+    // fp16: 5 exponent bits; bf16: 8 (the fp32 exponent)
+    constexpr uint16_t kExp = std::is_same_v<T, c10::BFloat16> ? 0x7f80u : 0x7c00u;
+    return (b & kExp) == kExp;
+  }
+}
 
 }  // namespace step
 }  // namespace fastdiff

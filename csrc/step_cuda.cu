@@ -1,5 +1,6 @@
 // fastdiff::step on CUDA: one kernel per sampler step, launched on the current stream. The row
-// index is read from the device counter inside the kernel (no host sync; CUDA-graph safe).
+// index is read from the device counter inside the kernel (no host sync; CUDA-graph safe). A
+// thread that stored a non-finite x_next sets the row's flag in `nonfinite` (when given).
 //
 // Contiguous states whose per-sample size is a multiple of the vector width take the vector
 // path: each thread handles 16 bytes of every operand per iteration of a grid-stride loop
@@ -38,6 +39,7 @@ struct Args {
   bool table_double;
   int64_t rows;
   const int64_t* counter;
+  int32_t* nonfinite;  // nullptr, or one flag per row: set to 1 where x_next is not finite
   uint64_t seed;
   int64_t sample_offset;
   float guidance, lo, hi;
@@ -68,18 +70,27 @@ __device__ __forceinline__ Row device_row(const Args<T>& a, uint32_t& step) {
   return r;
 }
 
-// One element at memory index i with noise value z.
+// One element at memory index i with noise value z; returns whether x_next is not finite.
 template <typename T>
-__device__ __forceinline__ void apply(const Args<T>& a, const Row& r, int64_t i, float z) {
+__device__ __forceinline__ bool apply(const Args<T>& a, const Row& r, int64_t i, float z) {
   const float h0 = a.has_h0 ? static_cast<float>(a.h0[i]) : 0.0f;
   const float h1 = a.has_h1 ? static_cast<float>(a.h1[i]) : 0.0f;
   const float yu = a.guided ? static_cast<float>(a.yu[i]) : 0.0f;
   float nh0, nh1;
   const float xn = update(r, static_cast<float>(a.x[i]), static_cast<float>(a.y[i]), yu, h0, h1,
                           z, nh0, nh1, a.guided, a.has_h0, a.has_h1);
-  a.out[i] = static_cast<T>(xn);
+  const T out = static_cast<T>(xn);
+  a.out[i] = out;
   if (a.has_h0 && r.w[0]) a.h0[i] = static_cast<T>(nh0);
   if (a.has_h1 && r.w[1]) a.h1[i] = static_cast<T>(nh1);
+  return nonfinite_bits(out);
+}
+
+// Every thread that wrote a non-finite x_next sets the row's flag (the same value: no order
+// needed).
+template <typename T>
+__device__ __forceinline__ void flag(const Args<T>& a, uint32_t step, bool bad) {
+  if (bad && a.nonfinite != nullptr) a.nonfinite[step - 1] = 1;
 }
 
 template <typename T>
@@ -101,6 +112,7 @@ __global__ void __launch_bounds__(kThreads) step_vector_kernel(const Args<T> a) 
   const bool noise = r.z != 0.0f;  // uniform: every thread reads the same row
   const int64_t per_sample = a.positions, nvec = a.batch * per_sample / V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  bool bad = false;
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < nvec;
        v += stride) {
     const int64_t i = v * V, b = i / per_sample, e = i - b * per_sample;
@@ -133,11 +145,13 @@ __global__ void __launch_bounds__(kThreads) step_vector_kernel(const Args<T> a) 
       out.v[k] = static_cast<T>(xn);
       h0.v[k] = static_cast<T>(nh0);
       h1.v[k] = static_cast<T>(nh1);
+      bad |= nonfinite_bits(out.v[k]);
     }
     store(a.out, i, out);
     if (a.has_h0 && r.w[0]) store(a.h0, i, h0);
     if (a.has_h1 && r.w[1]) store(a.h1, i, h1);
   }
+  flag(a, s, bad);
 }
 
 // Any dense layout: one Philox block (4 logical elements of one sample) per thread and
@@ -150,6 +164,7 @@ __global__ void __launch_bounds__(kThreads) step_block_kernel(const Args<T> a) {
   const int64_t P = a.positions, C = a.channels, per_sample = P * C;
   const int64_t blocks = (per_sample + 3) / 4, units = a.batch * blocks;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  bool bad = false;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
        u += stride) {
     const int64_t b = u / blocks, block = u - b * blocks;
@@ -164,9 +179,10 @@ __global__ void __launch_bounds__(kThreads) step_block_kernel(const Args<T> a) {
       const int64_t e = 4 * block + l;
       if (e >= per_sample) break;
       const int64_t m = C == 1 ? e : (e % P) * C + e / P;
-      apply(a, r, b * per_sample + m, z[l]);
+      bad |= apply(a, r, b * per_sample + m, z[l]);
     }
   }
+  flag(a, s, bad);
 }
 
 // Blocks of kThreads that fit on one SM at once (registers bound it), asked once per kernel.
@@ -196,9 +212,10 @@ at::Tensor step_cuda(const at::Tensor& x, const at::Tensor& y,
                      const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1,
                      const at::Tensor& table, const at::Tensor& counter, int64_t seed,
                      int64_t sample_offset, double guidance,
-                     std::optional<at::ArrayRef<double>> clamp, bool stochastic) {
+                     std::optional<at::ArrayRef<double>> clamp, bool stochastic,
+                     const std::optional<at::Tensor>& nonfinite) {
   const Problem pr = check_step_inputs(x, y, y_uncond, h0, h1, table, counter, sample_offset,
-                                       guidance, clamp, stochastic);
+                                       guidance, clamp, stochastic, nonfinite);
   TORCH_CHECK(x.is_cuda(), "fastdiff::step: the CUDA kernel got a tensor on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);  // same strides: x is dense
@@ -218,6 +235,7 @@ at::Tensor step_cuda(const at::Tensor& x, const at::Tensor& y,
     a.table_double = table.scalar_type() == at::kDouble;
     a.rows = table.size(0);
     a.counter = counter.const_data_ptr<int64_t>();
+    a.nonfinite = nonfinite ? nonfinite->mutable_data_ptr<int32_t>() : nullptr;
     a.seed = static_cast<uint64_t>(seed);
     a.sample_offset = sample_offset;
     a.guidance = pr.guidance;

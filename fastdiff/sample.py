@@ -15,6 +15,7 @@ from fastdiff.samplers import SAMPLERS, Col, Plan, build_plan
 from fastdiff.schedules import Schedule
 
 
+@torch.no_grad()
 def sample(
     model: Callable[..., Any],
     shape: tuple[int, ...] | None = None,
@@ -53,6 +54,9 @@ def sample(
     update, step-counter increment) as a CUDA graph once and replays it for every row; "auto"
     does so on CUDA when the capture succeeds (else warns and runs eagerly); the model then runs
     as captured, so it must not depend on Python state that changes between steps.
+    Sampling runs under torch.no_grad(), as diffusers' pipelines do (the step op has no
+    gradient); a model that needs gradients inside, e.g. for classifier guidance, computes them
+    under torch.enable_grad().
     Returns the final sample, shape `shape`, dtype `dtype` (default float32)."""
     schedule = schedule if schedule is not None else Schedule.from_betas("linear")
     if not isinstance(schedule, Schedule):
@@ -120,11 +124,15 @@ def _run(
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     tdt = cdt  # timesteps reach the model in float32 (float64 when sampling in float64)
     table = plan.table.to(device, cdt)
-    counter = torch.zeros((), dtype=torch.int64, device=device)
+    guided = guidance_scale is not None
+    nb = 2 * B if guided else B  # the model's batch
+    # every row's timesteps, one row per model call (a fresh row per step: a model that writes
+    # into t harms no later step)
+    t_rows = table[:, Col.T].to(tdt).reshape(-1, 1).expand(plan.rows, nb).contiguous()
     history = [torch.zeros_like(x) for _ in range(plan.n_history)] + [None, None]
     h0, h1 = history[0], history[1]
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    guided = guidance_scale is not None
+    # nonfinite[i] = 1 once row i's x_next holds a NaN or an infinity: the step op sets it
+    nonfinite = torch.zeros(plan.rows, dtype=torch.int32, device=device)
     model_cond = _batched(cond, uncond) if guided else cond
     noisy = plan.noisy_rows  # from the host table: no device sync
     rows = range(plan.rows)
@@ -133,15 +141,15 @@ def _run(
 
         rows = tqdm(rows, desc=plan.sampler, unit="step")
 
-    def one_step(x, i: int, stochastic: bool):
-        """Row `counter` on x: model call, fused update, finiteness flag, counter + 1. Reads no
-        device value on the host, so it can be captured as a CUDA graph."""
-        t_row = torch.index_select(table[:, Col.T], 0, counter.reshape(1))
+    def one_step(x, i: int, stochastic: bool, counter: torch.Tensor, t: torch.Tensor):
+        """Row `counter` (a device tensor holding i) on x at timesteps t: the model call and the
+        fused update, which also flags a non-finite result. Reads no device value on the host,
+        so it can be captured as a CUDA graph."""
         if guided:
-            y = _call(model, torch.cat([x, x]), t_row.expand(2 * B).to(tdt), model_cond, i)
+            y = _call(model, torch.cat([x, x]), t, model_cond, i)
             y, y_u = y.chunk(2)
         else:
-            y = _call(model, x, t_row.expand(B).to(tdt), model_cond, i)
+            y = _call(model, x, t, model_cond, i)
             y_u = None
         if y.shape != x.shape:
             raise ValueError(
@@ -168,17 +176,24 @@ def _run(
             guidance=1.0 if guidance_scale is None else float(guidance_scale),
             clamp=clamp,
             stochastic=stochastic,
+            nonfinite=nonfinite,
             backend=backend,
         )
-        bad = ~torch.isfinite(x_next).all()
-        first_bad.copy_(torch.where(bad & (first_bad < 0), counter, first_bad))
-        counter.add_(1)
         return x_next, x0
 
     captured = None
     if graph is not None:
-        state = [t for t in (counter, first_bad, h0, h1) if t is not None]
-        captured = _capture(one_step, x, any(noisy), state, graph == "required")
+        counter = torch.zeros((), dtype=torch.int64, device=device)
+
+        def graph_step(x, i: int, stochastic: bool):
+            """one_step on the row that `counter` names, then counter + 1: replayed as is."""
+            t = torch.index_select(t_rows, 0, counter.reshape(1))[0]
+            out = one_step(x, i, stochastic, counter, t)
+            counter.add_(1)
+            return out
+
+        state = [t for t in (counter, nonfinite, h0, h1) if t is not None]
+        captured = _capture(graph_step, x, any(noisy), state, graph == "required")
     if captured is not None:
         cuda_graph, x, x0 = captured  # static buffers, rewritten by every replay
         for i in rows:
@@ -186,14 +201,19 @@ def _run(
             if callback is not None:
                 callback(i, x.clone(), None if x0 is None else x0.clone())
     else:
+        # eagerly, row i's counter and timesteps are views: no kernel besides the model's and
+        # the step's
+        counters = torch.arange(plan.rows, dtype=torch.int64, device=device)
         for i in rows:
-            x, x0 = one_step(x, i, noisy[i])
+            x, x0 = one_step(x, i, noisy[i], counters[i], t_rows[i])
             if callback is not None:
                 callback(i, x, x0)
-    if int(first_bad) >= 0:  # the one host sync, after the loop
+    # the one host sync, after the loop: the first flagged row, or -1
+    first_bad = int(torch.where(nonfinite.any(), nonfinite.argmax(), -1))
+    if first_bad >= 0:
         raise FloatingPointError(
-            f"{plan.sampler}: non-finite values first appeared at step {int(first_bad)} of "
-            f"{plan.rows} (timestep {float(plan.timesteps[int(first_bad)]):g}); check the "
+            f"{plan.sampler}: non-finite values first appeared at step {first_bad} of "
+            f"{plan.rows} (timestep {float(plan.timesteps[first_bad]):g}); check the "
             "model's output and dtype (fp16 overflow?) and the prediction type"
         )
     return x

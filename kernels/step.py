@@ -101,10 +101,11 @@ def _combo(row_ptr, col: tl.constexpr, x, d, h0, h1, HAS_H0: tl.constexpr, HAS_H
 
 @triton.jit(do_not_specialize=["seed", "sample_offset"])
 def _step_kernel(
-    x_ptr, y_ptr, yu_ptr, h0_ptr, h1_ptr, out_ptr, table_ptr, counter_ptr,
+    x_ptr, y_ptr, yu_ptr, h0_ptr, h1_ptr, out_ptr, table_ptr, counter_ptr, nonfinite_ptr,
     seed, sample_offset, guidance, lo, hi, per_sample, positions, channels, blocks_per_sample,
     GUIDED: tl.constexpr, HAS_H0: tl.constexpr, HAS_H1: tl.constexpr, CLAMP: tl.constexpr,
     NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+    FLAG: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // blocks_per_sample
@@ -135,7 +136,14 @@ def _step_kernel(
     if NOISE:
         z = _normals(seed, rows, sample_offset + b, r + 1, VEC)
         x_next = x_next + _coef(row, X_Z) * z
-    tl.store(out_ptr + off, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+    out = x_next.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + off, out, mask=mask)
+    if FLAG:  # NaN or infinite once stored: every such row of the tile sets the step's flag
+        stored = out.to(tl.float32)
+        bad = mask & ((stored != stored) | (tl.abs(stored) == float("inf")))
+        # reduced along VEC only: a row is one thread's 16 bytes (no shared memory, no barrier)
+        bad_rows = tl.max(bad.to(tl.int32), axis=1)
+        tl.store(nonfinite_ptr + r + tl.zeros_like(rows), bad_rows, mask=bad_rows > 0)
     if HAS_H0:
         if _coef(row, W0) != 0:  # uniform: the whole grid reads the same row
             new = _combo(row, H0_X, x, d, h0, h1, HAS_H0, HAS_H1)
@@ -160,10 +168,13 @@ def step(
     guidance: float,
     clamp: tuple[float, float] | None,
     stochastic: bool,
+    nonfinite: torch.Tensor | None = None,
     block: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernel: x contiguous or channels_last; y, y_uncond, h0, h1 in x's layout,
-    table (rows, NCOEF) contiguous and counter (int64, 0-d) on x's device. Returns x_next."""
+    table (rows, NCOEF) contiguous and counter (int64, 0-d) on x's device; nonfinite, when
+    given, int32 of shape (rows,): its element `counter` is set to 1 if x_next is not finite.
+    Returns x_next."""
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
@@ -180,11 +191,12 @@ def step(
     _step_kernel[(batch * blocks_per_sample,)](
         x, y, x if y_uncond is None else y_uncond, x if h0 is None else h0,
         x if h1 is None else h1, out, table, counter,
+        counter if nonfinite is None else nonfinite,
         seed, sample_offset, float(guidance), float(lo), float(hi),
         per_sample, positions, channels, blocks_per_sample,
         GUIDED=y_uncond is not None, HAS_H0=h0 is not None, HAS_H1=h1 is not None,
         CLAMP=clamp is not None, NOISE=stochastic, CHANNELS_LAST=channels_last, BLOCK=block,
-        VEC=16 // x.element_size(),
+        VEC=16 // x.element_size(), FLAG=nonfinite is not None,
         enable_fp_fusion=False,  # no FMA contraction: the reference's roundings, as in csrc/
     )  # fmt: skip
     return out

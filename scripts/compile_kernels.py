@@ -274,7 +274,8 @@ def step_launches() -> Iterator[Launch]:
                 config = dict(op="step", sampler=sampler, shape=list(shape), dtype=_name(dtype))
                 config.update(channels_last=channels_last, guided=guided)
                 args = (x, y, y if guided else None, *hs, table, torch.tensor(0))
-                kw = dict(seed=1, sample_offset=0, guidance=2.0 if guided else 1.0)
+                flags = torch.zeros(table.shape[0], dtype=torch.int32)  # as fastdiff.sample
+                kw = dict(seed=1, sample_offset=0, guidance=2.0 if guided else 1.0, nonfinite=flags)
                 kw.update(clamp=(-1.0, 1.0) if guided else None, stochastic=stochastic)
                 yield Launch(config, step_op, args, kw)
 

@@ -59,18 +59,33 @@ def run_step(dev: torch.device, backend: str) -> int:
                         rand(shape, dtype, channels_last, g) if k < plan.n_history else None
                         for k in range(2)
                     ]
+                    flags = torch.zeros(plan.rows, dtype=torch.int32, device=dev)
                     for row in range(plan.rows):
                         counter = torch.tensor(row, device=dev)
                         kw = dict(seed=7, sample_offset=3, guidance=2.5, clamp=(-1.0, 1.0))
                         h_ref = [h.clone() if h is not None else None for h in hs]
                         ref = step_reference(x, y, yu, *h_ref, table, counter, **kw)
-                        out = step(x, y, yu, *hs, table, counter, backend=backend, **kw)
+                        out = step(
+                            x, y, yu, *hs, table, counter, backend=backend, nonfinite=flags, **kw
+                        )
                         sync(dev)
                         check(f"step {sampler} {shape} {dtype} row {row}", out, ref, dtype)
+                        if flags[row] != (not torch.isfinite(out).all()):
+                            raise SystemExit(f"step {sampler} {shape}: flags {flags.tolist()}")
                         for h, hr in zip(hs, h_ref):
                             if h is not None:
                                 check(f"history {sampler} {shape} {dtype}", h, hr, dtype)
                         calls += 1
+                    # a NaN in the model output's last element: the kernel writes the flag
+                    y_bad, flags = y.clone(), torch.zeros_like(flags)
+                    y_bad[(-1,) * y.dim()] = float("nan")
+                    hs_bad = [h.clone() if h is not None else None for h in hs]
+                    counter = torch.tensor(0, device=dev)
+                    step(x, y_bad, None, *hs_bad, table, counter, backend=backend, nonfinite=flags)
+                    sync(dev)
+                    if flags.tolist() != [1] + [0] * (plan.rows - 1):
+                        raise SystemExit(f"step {sampler} {shape} NaN: flags {flags.tolist()}")
+                    calls += 1
     return calls
 
 

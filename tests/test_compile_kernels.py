@@ -61,13 +61,16 @@ def test_every_triton_kernel_compiles_within_the_limits(report):
 
 def test_step_kernel_moves_16_bytes_per_access(report):
     # 2x4x64x64 NCHW in every dtype: every state, model output and history load and every store
-    # is 16 bytes (4 fp32, 8 fp16/bf16), with no shared memory round trip for the noise
+    # is 16 bytes (4 fp32, 8 fp16/bf16), with no shared memory round trip for the noise; the
+    # only narrow stores are the non-finite flag's (predicated, 32-bit, at most one per 16-byte
+    # row of x_next: no reduction across threads)
     for dtype in ("float32", "float16", "bfloat16"):
         for k in kernels(report, "triton", "step", dtype=dtype, channels_last=False, guided=False):
+            ops = k["memory_ops"]
             assert k["spill_bytes"] == 0 and k["shared_bytes"] == 0, k["config"]
-            assert k["memory_ops"].get("LDG.E.128", 0) >= 2 and k["memory_ops"].get("STG.E.128")
-            narrow = [op for op in k["memory_ops"] if op.startswith("STG") and op != "STG.E.128"]
-            assert not narrow, (k["config"], k["memory_ops"])
+            assert ops.get("LDG.E.128", 0) >= 2 and ops.get("STG.E.128"), (k["config"], ops)
+            narrow = [op for op in ops if op.startswith("STG") and op != "STG.E.128"]
+            assert narrow == ["STG.E"] and ops["STG.E"] <= ops["STG.E.128"], (k["config"], ops)
 
 
 def test_16_bit_attention_uses_hgmma_and_wide_loads(report):

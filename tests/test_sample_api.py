@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastdiff
+from fastdiff.ops.step import step_op
 
 SD = fastdiff.Schedule.stable_diffusion()
 
@@ -94,15 +95,34 @@ def test_wrong_output_shape_is_reported(toy_model):
         fastdiff.sample(learned_var, (1, 1, 3, 3), steps=2, schedule=SD)
 
 
-def test_non_finite_values_name_the_step():
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # numpy, interpreted Triton
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_non_finite_values_name_the_step(backend):
+    """The step op flags the row whose result is not finite; the loop reports the first one
+    after the last step: a NaN from the model (in one element), or an fp16 state that overflows
+    while the model's outputs stay finite."""
+    reason = step_op.get(backend).ready()
+    if reason:
+        pytest.skip(f"{backend}: {reason}")
     calls = [0]
 
     def model(x, t):
         calls[0] += 1
-        return x * (float("nan") if calls[0] == 3 else 0.5)
+        y = x * 0.5
+        if calls[0] == 3:
+            y[0, 0, 1, 2] = float("nan")
+        return y
 
+    kw = dict(steps=5, schedule=SD, backend=backend)
     with pytest.raises(FloatingPointError, match="first appeared at step 2 of 5"):
-        fastdiff.sample(model, (1, 1, 3, 3), sampler="euler", steps=5, schedule=SD)
+        fastdiff.sample(model, (2, 1, 3, 3), sampler="euler", **kw)
+    # DDIM on an x0 model that predicts x0 = 100 x: the state grows ~100x per step (fp16 ends at
+    # 65504); a float32 run of the same model stays finite
+    growing = lambda x, t: 100 * x
+    kw.update(sampler="ddim", prediction="x0")
+    with pytest.raises(FloatingPointError, match="first appeared at step 2 of 5"):
+        fastdiff.sample(growing, (2, 1, 3, 3), dtype=torch.float16, **kw)
+    assert torch.isfinite(fastdiff.sample(growing, (2, 1, 3, 3), **kw)).all()
 
 
 def test_progress_bar_and_callback(toy_model, capsys):
@@ -126,3 +146,27 @@ def test_heun_warns_when_its_first_corrector_blows_up():
         fastdiff.build_plan("heun", cosine, 10, spacing="leading")  # starts at sigma 6.5
         for steps in (2, 10, 50):
             fastdiff.build_plan("heun", fastdiff.Schedule.stable_diffusion(), steps)
+
+
+def test_sampling_records_no_autograd_graph():
+    """As diffusers' pipelines: a model with trainable weights gives a plain tensor (no graph
+    kept across steps, .numpy() works), and a model may still take gradients inside (classifier
+    guidance) under torch.enable_grad()."""
+    net = torch.nn.Conv2d(2, 2, 3, padding=1)
+    assert net.weight.requires_grad
+    out = fastdiff.sample(lambda x, t: net(x), (2, 2, 4, 4), sampler="dpmpp_2m", steps=3)
+    assert not out.requires_grad and out.grad_fn is None
+    out.numpy()
+
+    grads = []
+
+    def guided(x, t):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            energy = (net(x) ** 2).sum()
+            grads.append(torch.autograd.grad(energy, x)[0])
+        return net(x).detach() + 0.1 * grads[-1]
+
+    out = fastdiff.sample(guided, (2, 2, 4, 4), sampler="ddim", steps=3)
+    assert len(grads) == 3 and all(g.abs().sum() > 0 for g in grads)
+    assert torch.isfinite(out).all() and not out.requires_grad

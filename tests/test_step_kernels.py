@@ -4,6 +4,7 @@ guidance and clamp (DESIGN.md's tolerance rule against the fp64 reference); the 
 against fastdiff/noise.py; whole sampling trajectories; dispatch and why_not, opcheck,
 torch.compile, and input errors."""
 
+import math
 import os
 
 import pytest
@@ -284,8 +285,8 @@ def test_default_backend_on_cpu_is_cpu():
 
 
 def opcheck_calls(device: str):
-    """Arguments of torch.ops.fastdiff.step: fp32 NCHW; guided, clamped fp16 channels_last; an
-    fp64 table, no history, no noise."""
+    """Arguments of torch.ops.fastdiff.step: fp32 NCHW; guided, clamped fp16 channels_last with
+    an inf in y (the non-finite flag is set); an fp64 table, no history, no noise, no flags."""
     g = torch.Generator().manual_seed(0)
     table = plan_table("unipc").float().to(device)
     counter = torch.tensor(1, device=device)
@@ -294,8 +295,12 @@ def opcheck_calls(device: str):
         (torch.float16, True, True, [-1.0, 1.0]),
     ]:
         x, y, yu, h0, h1 = (randn((2, 3, 4, 5), dtype, device, g, channels_last) for _ in range(5))
-        yield (x, y, yu if guided else None, h0, h1, table, counter, 2**63 - 1, 7, 2.0, clamp, True)
-    yield (x, y, None, None, None, table.double(), counter, -5, 0, 1.0, None, False)
+        if guided:
+            y[1, 2, 3, 4] = float("inf")
+        flags = torch.zeros(table.shape[0], dtype=torch.int32, device=device)
+        yu = yu if guided else None
+        yield (x, y, yu, h0, h1, table, counter, 2**63 - 1, 7, 2.0, clamp, True, flags)
+    yield (x, y, None, None, None, table.double(), counter, -5, 0, 1.0, None, False, None)
 
 
 @pytest.mark.parametrize("backend", EXTENSION)
@@ -319,14 +324,19 @@ def test_opcheck_dispatch_op(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_compile_has_no_graph_breaks(backend):
     """A sampler's step (model output in, fused update, counter + 1, as fastdiff.sample's loop)
-    compiles into one graph and gives eager's trajectory and history, bit for bit."""
+    compiles into one graph and gives eager's trajectory, history and non-finite flags (a NaN
+    in one element of the last row's model output), bit for bit."""
     device = device_for(backend)
     require(backend, device)
     plan = build_plan("dpmpp_3m_sde", Schedule.from_betas("linear"), 4)  # h0, h1 and noise
     table = plan.table.float().to(device)
 
-    def one_step(x, h0, h1, counter):
-        y = toy(x, counter.reshape(1).float())
+    last = plan.rows - 1
+    nan_at = torch.zeros(2, 3, 5, 7, device=device)
+    nan_at[1, 2, 3, 4] = float("nan")
+
+    def one_step(x, h0, h1, counter, flags):
+        y = toy(x, counter.reshape(1).float()) + torch.where(counter == last, nan_at, 0.0)
         x = step(
             x,
             y,
@@ -338,6 +348,7 @@ def test_compile_has_no_graph_breaks(backend):
             seed=2**64 - 3,
             guidance=2.0,
             clamp=(-1.5, 1.5),
+            nonfinite=flags,
             backend=backend,
         )
         counter.add_(1)
@@ -350,12 +361,14 @@ def test_compile_has_no_graph_breaks(backend):
     for fn in (compiled, one_step):
         x, counter = x_T, torch.zeros((), dtype=torch.int64, device=device)
         h0, h1 = torch.zeros_like(x), torch.zeros_like(x)
+        flags = torch.zeros(plan.rows, dtype=torch.int32, device=device)
         for _ in range(plan.rows):
-            x = fn(x, h0, h1, counter)
-        states.append((x, h0, h1, counter))
+            x = fn(x, h0, h1, counter, flags)
+        states.append((x, h0, h1, counter, flags))
     for got, expected in zip(*states):
-        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0, equal_nan=True)
     assert states[0][1].abs().max() > 0 and int(states[0][3]) == plan.rows
+    assert states[0][4].tolist() == [0] * last + [1] and states[0][0].isnan().sum() == 1
 
 
 def test_layout_conversions_never_give_a_wrong_answer():
@@ -439,6 +452,8 @@ def test_channels_last_model_on_one_channel_images():
         (dict(x=torch.zeros(2, 4, 3, dtype=torch.float64)), RuntimeError, "dtype float64"),
         (dict(table=torch.zeros(3, 5)), RuntimeError, "table must be"),
         (dict(counter=torch.tensor(0, dtype=torch.int32)), RuntimeError, "counter must be int64"),
+        (dict(nonfinite=torch.zeros(4)), ValueError, "nonfinite must be a contiguous int32"),
+        (dict(nonfinite=torch.zeros(3, dtype=torch.int32)), ValueError, r"of shape \(4,\)"),
     ],
 )
 def test_bad_inputs(kwargs, error, match):
@@ -481,6 +496,7 @@ def test_extension_op_errors():
                 g=1.0,
                 clamp=None,
                 stochastic=True,
+                nonfinite=None,
             ),
             **kw,
         }.values()
@@ -500,6 +516,58 @@ def test_extension_op_errors():
     h = torch.zeros(2, 4, 3)
     with pytest.raises(RuntimeError, match="single memory location"):
         call(h0=h, h1=h)
+    with pytest.raises(RuntimeError, match=r"nonfinite must be a contiguous int32 .* \(4,\)"):
+        call(nonfinite=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="nonfinite must be a contiguous int32"):
+        call(nonfinite=torch.zeros(4, dtype=torch.int64))
+
+
+def in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A flat view of t's elements in memory order (t contiguous or channels_last)."""
+    return t.view(-1) if t.is_contiguous() else t.permute(0, 2, 3, 1).view(-1)
+
+
+def doubling_table(rows: int) -> torch.Tensor:
+    """A table whose every row is x_next = 2 x (x0 = x, no history, no noise)."""
+    table = torch.zeros(rows, NCOEF, dtype=torch.float64)
+    table[:, Col.A], table[:, Col.X_X] = 1.0, 2.0
+    return table
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # numpy, interpreted Triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("backend", [*FUSED, "reference"])
+def test_nonfinite_flag(backend, dtype):
+    """nonfinite[counter] is set exactly when the step's x_next, in the state's dtype, holds a
+    NaN or an infinity: one bad element in the middle of a state several threads share, or in
+    its last element; a NaN model output, an infinite state, and finite inputs whose x_next
+    overflows (in fp16 only when stored); never for a finite result. Other rows' flags stay."""
+    device = device_for(backend)
+    require(backend, device)
+    g = torch.Generator().manual_seed(5)
+    plan, rows = plan_table("dpmpp_2m").to(device), 4
+    big = torch.finfo(dtype).max / 1.5  # 2 big overflows fp32 arithmetic, or fp16 storage
+    for shape, channels_last in [((2, 4, 64, 64), False), ((3, 5, 7, 11), True), ((1, 1823), 0)]:
+        numel = math.prod(shape)
+        for where in (numel // 2 + 3, numel - 1):  # memory positions
+            for case in ("finite", "nan", "inf", "overflow"):
+                x, y, h0 = (randn(shape, dtype, device, g, channels_last) for _ in range(3))
+                table, stochastic = plan, True
+                if case == "nan":
+                    in_memory_order(y)[where] = float("nan")
+                elif case == "inf":
+                    in_memory_order(x)[where] = float("-inf")
+                elif case == "overflow":
+                    table, stochastic, h0 = doubling_table(rows).to(device), False, None
+                    in_memory_order(x)[where] = big
+                flags = torch.tensor([1, 0, 0, 0], dtype=torch.int32, device=device)
+                out = step(
+                    x, y, None, h0, None, table, torch.tensor(2, device=device),
+                    seed=3, stochastic=stochastic, nonfinite=flags, backend=backend,
+                )  # fmt: skip
+                bad = case != "finite"
+                assert torch.isfinite(out).all() != bad, (shape, where, case)
+                assert flags.tolist() == [1, 0, int(bad), 0], (shape, where, case)
 
 
 def test_cuda_graph_argument_errors():
@@ -605,3 +673,44 @@ def test_why_not_gives_every_reason():
 def test_backends_are_registered_in_dispatch_order():
     assert step_op.names == ["cuda", "cpu", "triton", "reference"]
     assert step_ops.step_op is step_op
+
+
+def test_dispatch_is_remembered_per_call_signature(monkeypatch):
+    """A sampling loop dispatches once: the choice is kept for calls with the same kind of
+    tensors, and made again when a tensor's dtype or layout, or which operands share memory,
+    changes (each of those changes the backend here)."""
+    require("cpu", "cpu")
+    selected = []
+    select = step_op.select
+
+    def counted(*args, **kwargs):
+        selected.append(select(*args, **kwargs))
+        return selected[-1]
+
+    monkeypatch.setattr(step_op, "select", counted)
+    step_ops._chosen.clear()
+    fastdiff.sample(toy, (2, 3, 4, 4), sampler="dpmpp_2m", steps=6)
+    assert [b.name for b in selected] == ["cpu"]
+
+    g = torch.Generator().manual_seed(4)
+    table, counter = plan_table("dpmpp_2m"), torch.tensor(1)
+    x, y, h0 = (randn((2, 3, 4, 5), torch.float32, "cpu", g) for _ in range(3))
+
+    def run(x, y, h0):
+        expected_h0 = h0.clone()
+        ref = step_reference(x.clone(), y.clone(), None, expected_h0, None, table, counter)
+        out = step(x, y, None, h0, None, table, counter)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(h0, expected_h0, atol=1e-6, rtol=0)
+        return selected[-1].name
+
+    selected.clear()
+    assert run(x, y, h0.clone()) == "cpu"
+    assert run(x, y, h0.clone()) == "cpu" and len(selected) == 1  # remembered
+    assert run(x, y.half(), h0.clone()) == "reference"  # y's dtype differs from x's
+    h = h0.clone()
+    assert run(x, h, h) == "reference"  # h0 (written in place) is y
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+    assert run(x, y, cl(h0)) == "reference"  # h0 not in x's layout
+    assert run(cl(x), y, cl(h0)) == "cpu"  # both channels_last: fused again (y is copied)
+    assert len(selected) == 5

@@ -28,7 +28,21 @@ NOTES = (
     "fastdiff.sample is timed as a user calls it: with cuda_graph=True it captures the step "
     "graph in every call, and that capture is part of its time.",
     "% roofline = the UNet FLOPs of a run at the probed matmul peak of the dtype / time.",
+    "loop: the sampler loop's own cost per step, with a model that returns its input (no "
+    "kernel): what a step costs around the network, host time included (diffusers: "
+    "scheduler.step; fastdiff: the step op plus the loop).",
 )
+# (latent, sampler, steps, dtype) per device: the loop's own cost per step
+LOOP_CASES = {
+    "cuda": [
+        ((2, 4, 64, 64), "ddim", 50, torch.float16),
+        ((2, 4, 64, 64), "dpmpp_2m", 50, torch.float16),
+    ],
+    "cpu": [
+        ((2, 4, 64, 64), "ddim", 50, torch.float32),
+        ((2, 4, 8, 8), "dpmpp_2m", 50, torch.float32),
+    ],
+}
 GUIDANCE = 7.5
 # (preset, images, sampler, steps, guided, dtype) per device
 CASES = {
@@ -64,7 +78,36 @@ def cases(ctx: Context) -> list[Case]:
             else "fastdiff.sample has no cuda_graph option yet: eager loop (no CUDA graph)"
         )
     key = "cpu-quick" if ctx.quick and not ctx.cuda else ctx.device.type
-    return [_case(ctx, *c, graphs=graphs and ctx.cuda) for c in CASES[key]]
+    loops = [_loop_case(ctx, *c, graphs=graphs and ctx.cuda) for c in LOOP_CASES[ctx.device.type]]
+    return loops + [_case(ctx, *c, graphs=graphs and ctx.cuda) for c in CASES[key]]
+
+
+def _identity(x, t, **cond):
+    return x
+
+
+def _loop_case(ctx, shape, sampler, steps, dtype, graphs) -> Case:
+    """The loop around a model that costs nothing: per step, diffusers' scheduler.step and
+    pipeline loop vs fastdiff's step op and loop."""
+    run = dict(ctx=ctx, shape=shape, sampler=sampler, steps=steps, dtype=dtype)
+    contenders = [
+        Contender("diffusers", lambda: _diffusers_loop(**run, net=_identity), True, per_call=steps)
+    ]
+    contenders.append(
+        Contender(
+            "fastdiff", lambda: _fastdiff(**run, model=_identity, graphs=False), per_call=steps
+        )
+    )
+    if graphs:
+        graph = lambda: _fastdiff(**run, model=_identity, graphs=True)
+        contenders.append(Contender("fastdiff+graph", graph, per_call=steps))
+    return Case(
+        f"loop {shape_name(shape)} {sampler}-{steps} {dtype_name(dtype)}",
+        contenders,
+        params=dict(model="identity", sampler=sampler, steps=steps, dtype=str(dtype)),
+        unit="step",
+        dtype=dtype,
+    )
 
 
 def _case(ctx, preset, images, sampler, steps, guided, dtype, graphs) -> Case:
@@ -121,9 +164,9 @@ def _on(ctx, cond, dtype) -> dict:
     return {k: {n: t.to(ctx.device, dtype) for n, t in v.items()} for k, v in cond.items()}
 
 
-def _fastdiff(ctx, preset, shape, sampler, steps, dtype, cond, graphs):
-    model = models(preset, ctx.device, dtype)[0]
-    schedule = SCHEDULES[SCHEDULE[preset]][0]
+def _fastdiff(ctx, shape, sampler, steps, dtype, graphs, preset="", cond=None, model=None):
+    model = model or models(preset, ctx.device, dtype)[0]
+    schedule = SCHEDULES[SCHEDULE.get(preset, "linear")][0]
     extra = {"cuda_graph": True} if graphs else {}
     if cond:
         extra.update(_on(ctx, cond, dtype), guidance_scale=GUIDANCE)
@@ -140,17 +183,21 @@ def _fastdiff(ctx, preset, shape, sampler, steps, dtype, cond, graphs):
     )
 
 
-def _diffusers_loop(ctx, preset, shape, sampler, steps, dtype, cond, compiled=False):
-    """diffusers' pipeline loop around the twin (or fastdiff's UNet where there is none)."""
-    ours, twin = models(preset, ctx.device, dtype)
-    if twin is None:
-        net = lambda x, t, context=None: ours(x, t)
-    else:
-        net = lambda x, t, context=None: call_diffusers(twin, x, t, context)
+def _diffusers_loop(
+    ctx, shape, sampler, steps, dtype, preset="", cond=None, compiled=False, net=None
+):
+    """diffusers' pipeline loop around the twin (or fastdiff's UNet where there is none, or
+    `net`)."""
+    if net is None:
+        ours, twin = models(preset, ctx.device, dtype)
+        if twin is None:
+            net = lambda x, t, context=None: ours(x, t)
+        else:
+            net = lambda x, t, context=None: call_diffusers(twin, x, t, context)
     if compiled:
         torch._dynamo.reset()
         net = torch.compile(net, mode="reduce-overhead" if ctx.cuda else None)
-    sched = scheduler(sampler, SCHEDULE[preset], ctx.device)
+    sched = scheduler(sampler, SCHEDULE.get(preset, "linear"), ctx.device)
     context = None
     if cond:
         on = _on(ctx, cond, dtype)

@@ -73,7 +73,8 @@ def _case(ctx, label, sampler, options, steps, shape, dtype) -> Case:
 
     table = plan.table.to(ctx.device, torch.float32)
     counter = torch.tensor(ROW, device=ctx.device)
-    kwargs = dict(seed=0, stochastic=plan.noisy_rows[ROW])
+    flags = torch.zeros(plan.rows, dtype=torch.int32, device=ctx.device)
+    kwargs = dict(seed=0, stochastic=plan.noisy_rows[ROW], nonfinite=flags)  # as sample() calls
 
     def call(backend, x, y, h0, h1):
         return step_ops.step(x, y, None, h0, h1, table, counter, backend=backend, **kwargs)

@@ -85,7 +85,7 @@ class Op:
     def select(self, tensor: torch.Tensor, *args, backend: str | None = None, **kwargs) -> Backend:
         """The backend for this call: the named one (or the `use()` override), which must accept
         the call, else the first that does."""
-        wanted = backend or getattr(_override, "name", None)
+        wanted = requested(backend)
         if wanted is not None:
             reasons = self.why_not(wanted, tensor, *args, **kwargs)
             if reasons:
@@ -109,6 +109,11 @@ class Op:
     def available(self, tensor: torch.Tensor, *args, **kwargs) -> list[str]:
         """Names of the backends that accept this call, in order of preference."""
         return [b.name for b in self.backends if not self.why_not(b.name, tensor, *args, **kwargs)]
+
+
+def requested(backend: str | None) -> str | None:
+    """The backend a call asks for: its own `backend`, else the `use()` override, else None."""
+    return backend or getattr(_override, "name", None)
 
 
 @contextlib.contextmanager

@@ -36,9 +36,7 @@ def _axpby_fake(x: torch.Tensor, y: torch.Tensor, a: float, b: float) -> torch.T
 
 
 @register_fake("step")
-def _step_fake(
-    x, y, y_uncond, h0, h1, table, counter, seed, sample_offset, guidance, clamp, stochastic
-) -> torch.Tensor:
+def _step_fake(x, y, y_uncond, h0, h1, table, counter, *scalars_and_flags) -> torch.Tensor:
     for name, t in (("y", y), ("y_uncond", y_uncond), ("h0", h0), ("h1", h1)):
         if t is not None:
             torch._check(

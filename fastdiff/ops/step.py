@@ -6,8 +6,10 @@ Every backend computes, elementwise and in fp32 (fp64 for fp64 tensors):
     x0     = clamp(A x + B y)                        (clamp optional)
     x_next = X_X x + X_D x0 + X_H0 h0 + X_H1 h1 + X_Z z(seed, step = counter + 1, sample, element)
     h_k    = H_k row . (x, x0, h0, h1)               (in place, only where W_k = 1)
+    nonfinite[counter] = 1 if x_next (in x's dtype) holds a NaN or an infinity (optional)
 
-The row is table[counter], read on the device: the loop never syncs with the host.
+The row is table[counter], read on the device: the loop never syncs with the host, and learns
+whether a step went non-finite from the flags, read once after the last step.
 Memory traffic of the reference: each term is a separate kernel, ~12 reads and writes of the
 state per step; the fused backends read x, y (, y_u, h0, h1) once and write x_next (, h) once.
 
@@ -23,11 +25,12 @@ torch.compile, `step` is one op, fastdiff::step_dispatch, that dispatches when i
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 
 from fastdiff import noise
-from fastdiff.ops._dispatch import Backend, Op, extension_ready, triton_backend
+from fastdiff.ops._dispatch import Backend, Op, extension_ready, requested, triton_backend
 from fastdiff.samplers import NCOEF, Col
 
 
@@ -45,10 +48,12 @@ def step_reference(
     guidance: float = 1.0,
     clamp: tuple[float, float] | None = None,
     stochastic: bool = True,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply row table[counter] (counter: int64 tensor of shape () on x's device). Returns
     x_next in x's dtype; h0 and h1 are updated in place. `stochastic=False` promises that no
-    row of the table injects noise, so none is drawn."""
+    row of the table injects noise, so none is drawn. `nonfinite` (int32, shape (rows,)): its
+    element `counter` is set to 1 when x_next holds a NaN or an infinity, else left as it is."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     row = torch.index_select(table, 0, counter.reshape(1))[0].to(cdt)
     c = {col: row[col] for col in Col}
@@ -83,7 +88,12 @@ def step_reference(
     for h, v in zip((h0, h1), new):
         if h is not None:
             h.copy_(v)
-    return x_next.to(x.dtype)
+    x_next = x_next.to(x.dtype)
+    if nonfinite is not None:
+        index = counter.reshape(1)
+        bad = (~torch.isfinite(x_next).all()).to(nonfinite.dtype).reshape(1)
+        nonfinite.index_copy_(0, index, torch.maximum(nonfinite.index_select(0, index), bad))
+    return x_next
 
 
 def _layout(t: torch.Tensor) -> str | None:
@@ -99,7 +109,7 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _fused_check(
-    x, y=None, y_uncond=None, h0=None, h1=None, table=None, counter=None, **options
+    x, y=None, y_uncond=None, h0=None, h1=None, table=None, counter=None, nonfinite=None, **options
 ) -> list[str]:
     """Why the fused kernels (cuda, triton, cpu) cannot take this call; [] when they can.
     Operands left out (`step_op.why_not("cpu", x)`) are not checked."""
@@ -140,7 +150,7 @@ def _fused_check(
         )
     if counter is not None and counter.dtype != torch.int64:
         reasons.append(f"counter must be int64, got {counter.dtype}")
-    for name, t in (("table", table), ("counter", counter)):
+    for name, t in (("table", table), ("counter", counter), ("nonfinite", nonfinite)):
         if t is not None and t.device != x.device:
             reasons.append(f"{name} is on {t.device} but x is on {x.device}")
     return reasons
@@ -169,44 +179,31 @@ def _int64(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
-def _extension_step(
-    x, y, y_uncond, h0, h1, table, counter, *, seed, sample_offset, guidance, clamp, stochastic
-):
-    return torch.ops.fastdiff.step(
+def _operands(x, y, y_uncond, h0, h1, table, counter) -> tuple:
+    """The tensors as the fused kernels take them: y and y_uncond in x's layout, the table
+    contiguous, the counter 0-d."""
+    return (
         x,
         _like_x(y, x),
         _like_x(y_uncond, x),
         h0,
         h1,
         table.contiguous(),
-        counter.reshape(()),
-        _int64(seed),
-        sample_offset,
-        guidance,
-        None if clamp is None else list(clamp),
-        stochastic,
+        counter if counter.dim() == 0 else counter.reshape(()),
     )
 
 
-def _triton_step(
-    x, y, y_uncond, h0, h1, table, counter, *, seed, sample_offset, guidance, clamp, stochastic
-):
+def _extension_step(*tensors, seed, sample_offset, guidance, clamp, stochastic, nonfinite=None):
+    clamp = None if clamp is None else list(clamp)
+    return torch.ops.fastdiff.step(
+        *_operands(*tensors), _int64(seed), sample_offset, guidance, clamp, stochastic, nonfinite
+    )
+
+
+def _triton_step(*tensors, **options):
     from fastdiff.kernels.step import step as triton_step
 
-    return triton_step(
-        x,
-        _like_x(y, x),
-        _like_x(y_uncond, x),
-        h0,
-        h1,
-        table.contiguous(),
-        counter.reshape(()),
-        seed=seed,
-        sample_offset=sample_offset,
-        guidance=guidance,
-        clamp=clamp,
-        stochastic=stochastic,
-    )
+    return triton_step(*_operands(*tensors), **options)
 
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -235,8 +232,10 @@ for _backend in (
     step_op.register(_backend)
 
 
-def _options(x, counter, seed, sample_offset, guidance, clamp, stochastic) -> dict:
-    """The scalar arguments, validated (errors a user can hit, whatever the backend)."""
+def _options(
+    x, table, counter, seed, sample_offset, guidance, clamp, stochastic, nonfinite
+) -> dict:
+    """The arguments after counter, validated (errors a user can hit, whatever the backend)."""
     seed = operator.index(seed)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}; reduce it mod 2**64")
@@ -255,12 +254,28 @@ def _options(x, counter, seed, sample_offset, guidance, clamp, stochastic) -> di
         if len(clamp) != 2:
             raise ValueError(f"clamp must be (lo, hi), got {clamp!r}")
         clamp = (float(clamp[0]), float(clamp[1]))
+    if nonfinite is not None and (
+        not isinstance(nonfinite, torch.Tensor)
+        or nonfinite.dtype != torch.int32
+        or nonfinite.shape != table.shape[:1]
+        or not nonfinite.is_contiguous()
+    ):
+        got = (
+            f"{nonfinite.dtype} of shape {tuple(nonfinite.shape)}"
+            if isinstance(nonfinite, torch.Tensor)
+            else repr(nonfinite)
+        )
+        raise ValueError(
+            f"nonfinite must be a contiguous int32 tensor of shape ({table.shape[0]},), one flag "
+            f"per table row (torch.zeros(rows, dtype=torch.int32)), got {got}"
+        )
     return {
         "seed": seed,
         "sample_offset": sample_offset,
         "guidance": float(guidance),
         "clamp": clamp,
         "stochastic": bool(stochastic),
+        "nonfinite": nonfinite,
     }
 
 
@@ -278,12 +293,15 @@ def step(
     guidance: float = 1.0,
     clamp: tuple[float, float] | None = None,
     stochastic: bool = True,
+    nonfinite: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Apply one plan row with the first backend that can (see step_reference for arguments);
     `backend` ("cuda", "cpu", "triton", "reference") forces one."""
     args = (x, y, y_uncond, h0, h1, table, counter)
-    options = _options(x, counter, seed, sample_offset, guidance, clamp, stochastic)
+    options = _options(
+        x, table, counter, seed, sample_offset, guidance, clamp, stochastic, nonfinite
+    )
     if torch.compiler.is_compiling():
         # dispatch asks whether h0/h1 share storage with another operand, which traced (fake)
         # tensors cannot answer: it runs inside one opaque op, on the real tensors
@@ -298,10 +316,40 @@ def step(
 
 
 def _dispatched(args: tuple, options: dict, backend: str | None) -> torch.Tensor:
-    return step_op.select(*args, backend=backend, **options).fn(*args, **options)
+    """The chosen backend's result. A sampling loop makes the same call at every step, with new
+    tensors of the same kind: the choice is remembered per call signature (what the backends'
+    checks read: each tensor's device, dtype, shape and strides, which operands share storage,
+    the requested backend), so that only the first step pays for dispatch."""
+    key = _signature(args, options["nonfinite"], backend)
+    chosen = _chosen.get(key)
+    if chosen is None:
+        chosen = step_op.select(*args, backend=backend, **options)
+        if len(_chosen) >= _CHOSEN_MAX:
+            _chosen.clear()
+        _chosen[key] = chosen
+    return chosen.fn(*args, **options)
 
 
-@torch.library.custom_op("fastdiff::step_dispatch", mutates_args=("h0", "h1"))
+_chosen: dict[tuple, Backend] = {}
+_CHOSEN_MAX = 256
+
+
+def _signature(args: tuple, nonfinite: torch.Tensor | None, backend: str | None) -> tuple:
+    key: list = [requested(backend), os.environ.get("TRITON_INTERPRET")]
+    for t in (*args, nonfinite):
+        if t is None:
+            key.append(None)
+        else:
+            key += (t.device, t.dtype, t.shape, t.stride())
+    storages: list = []  # of x, y, y_uncond, h0, h1: each one's first operand with its storage
+    for t in args[:5]:
+        ptr = None if t is None else t.untyped_storage().data_ptr()
+        key.append(storages.index(ptr) if ptr is not None and ptr in storages else -1)
+        storages.append(ptr)
+    return tuple(key)
+
+
+@torch.library.custom_op("fastdiff::step_dispatch", mutates_args=("h0", "h1", "nonfinite"))
 def _step_op(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -315,6 +363,7 @@ def _step_op(
     guidance: float,
     clamp: list[float] | None,
     stochastic: bool,
+    nonfinite: torch.Tensor | None,
     backend: str | None,
 ) -> torch.Tensor:
     options = dict(
@@ -323,6 +372,7 @@ def _step_op(
         guidance=guidance,
         clamp=clamp and tuple(clamp),
         stochastic=stochastic,
+        nonfinite=nonfinite,
     )
     return _dispatched((x, y, y_uncond, h0, h1, table, counter), options, backend)
 
