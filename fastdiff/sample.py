@@ -66,7 +66,7 @@ def sample(
         raise ValueError(f"eta applies to the 'ddim' and 'euler_a' samplers, not {sampler!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {sorted(SAMPLERS)}")
-    plan = build_plan(sampler, schedule, steps, spacing=spacing, prediction=prediction, **options)
+    plan = _plan(sampler, schedule, steps, spacing, prediction, options)
     device = _device(model, noise, device)
     graph = _want_graph(cuda_graph, device)
     dtype = dtype or (noise.dtype if noise is not None else torch.float32)
@@ -89,6 +89,33 @@ def sample(
         clamp,
         graph,
     )
+
+
+def _plan(sampler, schedule: Schedule, steps, spacing, prediction, options: dict) -> Plan:
+    """build_plan's plan, kept for later calls with the same sampler, schedule (its betas),
+    steps, spacing, prediction and options: drawing batch after batch builds the table once (it
+    is float64 Python, milliseconds per call). sample() only reads a plan."""
+    try:
+        # steps' type too: True == 1, but build_plan refuses a bool
+        key = (sampler, schedule.betas.numpy().tobytes(), steps, type(steps), spacing, prediction)
+        key += tuple(sorted(options.items()))
+        hash(key)
+    except TypeError:  # an unhashable argument: build_plan says what is wrong with it
+        key = None
+    plan = _plans.get(key) if key is not None else None
+    if plan is None:
+        plan = build_plan(
+            sampler, schedule, steps, spacing=spacing, prediction=prediction, **options
+        )
+        if key is not None:
+            if len(_plans) >= _PLANS_MAX:
+                _plans.pop(next(iter(_plans)))  # the oldest
+            _plans[key] = plan
+    return plan
+
+
+_plans: dict[tuple, Plan] = {}
+_PLANS_MAX = 64
 
 
 def _want_graph(cuda_graph: bool | str, device: torch.device) -> str | None:

@@ -1,5 +1,6 @@
 """fastdiff.sample: seeds, batch invariance, guidance, and the errors a user can hit."""
 
+import importlib
 import warnings
 
 import pytest
@@ -170,3 +171,30 @@ def test_sampling_records_no_autograd_graph():
     out = fastdiff.sample(guided, (2, 2, 4, 4), sampler="ddim", steps=3)
     assert len(grads) == 3 and all(g.abs().sum() > 0 for g in grads)
     assert torch.isfinite(out).all() and not out.requires_grad
+
+
+def test_plans_are_built_once_per_setting(monkeypatch, toy_model):
+    """A second call with the same settings reuses the plan (same samples); another schedule,
+    step count or option builds its own."""
+    sample_module = importlib.import_module("fastdiff.sample")  # fastdiff.sample is the function
+    built = []
+    real = sample_module.build_plan
+    monkeypatch.setattr(
+        sample_module, "build_plan", lambda *a, **k: built.append(a) or real(*a, **k)
+    )
+    monkeypatch.setattr(sample_module, "_plans", {})
+    kw = dict(sampler="ddim", steps=4, seed=3, eta=0.5)
+    first = fastdiff.sample(toy_model, (2, 1, 3, 3), schedule=SD, **kw)
+    again = fastdiff.sample(
+        toy_model, (2, 1, 3, 3), schedule=fastdiff.Schedule.stable_diffusion(), **kw
+    )
+    assert len(built) == 1 and torch.equal(first, again)
+    other = fastdiff.Schedule.from_betas("linear")
+    fastdiff.sample(toy_model, (2, 1, 3, 3), schedule=other, **kw)
+    fastdiff.sample(toy_model, (2, 1, 3, 3), schedule=SD, **{**kw, "steps": 5})
+    fastdiff.sample(toy_model, (2, 1, 3, 3), schedule=SD, **{**kw, "eta": 1.0})
+    assert len(built) == 4
+    fresh = real("ddim", SD, 4, eta=0.5)
+    assert torch.equal(
+        sample_module._plan("ddim", SD, 4, "trailing", "eps", {"eta": 0.5}).table, fresh.table
+    )
