@@ -14,6 +14,9 @@ TORCH_LIBRARY(fastdiff, m) {
       "step(Tensor x, Tensor y, Tensor? y_uncond, Tensor(a!)? h0, Tensor(b!)? h1, Tensor table, "
       "Tensor counter, int seed, int sample_offset, float guidance, float[]? clamp, "
       "bool stochastic, Tensor(c!)? nonfinite=None) -> Tensor");
+  // out = z(seed, step, sample_offset + b, e) * scale (fastdiff/noise.py), rounded once to out's
+  // dtype; out contiguous or channels_last. Step 0 is a sample's x_T, row r of a plan draws r + 1.
+  m.def("gaussian_(Tensor(a!) out, int seed, int step, int sample_offset, float scale) -> ()");
   // silu(group_norm(x + residual) * (1 + scale) + shift); weight/bias fp32; see group_norm_silu.h
   m.def(
       "group_norm_silu_fwd(Tensor x, int num_groups, Tensor weight, Tensor bias, float eps, "

@@ -57,7 +57,43 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& x) {
               "; convert it with .contiguous(memory_format=...) to match x");
 }
 
+// The layout of a state (or noise output) `t` named `name`, checked for op `op`: a float32,
+// float16 or bfloat16 tensor of shape (B, ...), contiguous or channels_last, whose samples'
+// indices and (with noise) elements fit the noise counter.
+Problem describe(const char* op, const char* name, const at::Tensor& t, int64_t sample_offset,
+                 bool noise) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
+              " must be a float32, float16 or bfloat16 tensor, got ", t.scalar_type(),
+              " (float64 runs on the reference backend)");
+  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must be batched (B, ...), got a 0-d tensor");
+  TORCH_CHECK(layout_name(t) != nullptr, op, ": ", name,
+              " must be contiguous or channels_last, got strides ", t.strides(), " for shape ",
+              t.sizes(), "; call .contiguous() first");
+  Problem p;
+  p.batch = t.size(0);
+  if (t.is_contiguous()) {
+    p.positions = p.batch ? t.numel() / p.batch : 0;
+  } else {
+    p.channels = t.size(1);
+    p.positions = t.size(2) * t.size(3);
+  }
+  TORCH_CHECK(sample_offset >= 0 && sample_offset + p.batch <= (int64_t(1) << 32), op,
+              ": sample indices ", sample_offset, "..", sample_offset + p.batch - 1,
+              " must lie in [0, 2**32)");
+  TORCH_CHECK(!noise || p.per_sample() <= (int64_t(1) << 34), op, ": a sample has ",
+              p.per_sample(), " elements; the noise counter allows at most 2**34");
+  p.noise = noise;
+  return p;
+}
+
 }  // namespace
+
+Problem check_gaussian_inputs(const at::Tensor& out, int64_t step, int64_t sample_offset) {
+  Problem p = describe("fastdiff::gaussian_", "out", out, sample_offset, true);
+  TORCH_CHECK(step >= 0 && step < (int64_t(1) << 32), "fastdiff::gaussian_: step must be in "
+              "[0, 2**32) (0 draws x_T, row r of a plan draws with r + 1), got ", step);
+  return p;
+}
 
 Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
                           const std::optional<at::Tensor>& y_uncond,
@@ -66,14 +102,7 @@ Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
                           const at::Tensor& counter, int64_t sample_offset, double guidance,
                           std::optional<at::ArrayRef<double>> clamp, bool stochastic,
                           const std::optional<at::Tensor>& nonfinite) {
-  TORCH_CHECK(is_supported_float(x.scalar_type()),
-              "fastdiff::step: x must be a float32, float16 or bfloat16 tensor, got ",
-              x.scalar_type(), " (float64 runs on the reference backend)");
-  TORCH_CHECK(x.dim() >= 1, "fastdiff::step: x must be batched (B, ...), got a 0-d tensor");
-  const char* layout = layout_name(x);
-  TORCH_CHECK(layout != nullptr,
-              "fastdiff::step: x must be contiguous or channels_last, got strides ", x.strides(),
-              " for shape ", x.sizes(), "; call .contiguous() first");
+  Problem p = describe("fastdiff::step", "x", x, sample_offset, stochastic);
   check_like("y", y, x);
   if (y_uncond) check_like("y_uncond", *y_uncond, x);
   for (const auto& [name, h] : {std::pair{"h0", &h0}, std::pair{"h1", &h1}}) {
@@ -108,24 +137,9 @@ Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
                 nonfinite->device());
   }
 
-  Problem p;
-  p.batch = x.size(0);
-  if (x.is_contiguous()) {
-    p.positions = p.batch ? x.numel() / p.batch : 0;
-  } else {
-    p.channels = x.size(1);
-    p.positions = x.size(2) * x.size(3);
-  }
-  TORCH_CHECK(sample_offset >= 0 && sample_offset + p.batch <= (int64_t(1) << 32),
-              "fastdiff::step: sample indices ", sample_offset, "..",
-              sample_offset + p.batch - 1, " must lie in [0, 2**32)");
-  TORCH_CHECK(!stochastic || p.per_sample() <= (int64_t(1) << 34),
-              "fastdiff::step: a sample has ", p.per_sample(),
-              " elements; the noise counter allows at most 2**34");
   p.guided = y_uncond.has_value();
   p.has_h0 = h0.has_value();
   p.has_h1 = h1.has_value();
-  p.noise = stochastic;
   p.guidance = static_cast<float>(guidance);
   p.lo = -std::numeric_limits<float>::infinity();
   p.hi = std::numeric_limits<float>::infinity();
@@ -293,11 +307,13 @@ FASTDIFF_CLONES bool any_nonfinite(const T* __restrict__ out, int64_t n) {
   return bad;
 }
 
-// All tiles of the call, split statically over the OpenMP threads; each thread has its own
-// noise buffers. Returns whether x_next holds a non-finite value (checked when `check`).
-template <typename T, bool kGuided, int kS0, int kS1>
-bool run_tiles(const Pointers<T>& p, const Problem& pr, const Row& r, bool noise, uint64_t seed,
-               uint32_t s, int64_t sample_offset, bool check) {
+// Calls body(i0, n, z, rows) for every tile of the call (memory [i0, i0 + n)), the tiles split
+// statically over the OpenMP threads; z holds the tile's noise when `noise` (else zeros), in
+// memory order, and `rows` is the thread's own buffer of row_floats x n floats (nullptr when
+// 0). Returns whether any call of body returned true.
+template <typename Body>
+bool for_each_tile(const Problem& pr, bool noise, uint64_t seed, uint32_t s,
+                   int64_t sample_offset, int64_t row_floats, Body&& body) {
   const int64_t P = pr.positions, C = pr.channels;
   // ~4096 elements per tile (16 KiB of fp32 noise: stays in L1/L2), at least 16 positions.
   const int64_t tp = std::max<int64_t>(16, (4096 / C + 3) / 4 * 4);
@@ -305,23 +321,40 @@ bool run_tiles(const Pointers<T>& p, const Problem& pr, const Row& r, bool noise
   // as at::parallel_for: no threads for small states, none inside another parallel region
   const bool big = pr.batch * pr.per_sample() >= (1 << 15);
   const int threads = big && !at::in_parallel_region() ? at::get_num_threads() : 1;
-  bool bad = false;
+  bool any = false;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> z(tp * C + 4, 0.0f), run(noise && C > 1 ? tp + 8 : 0),
-        rows(fast_rows<T>() ? 6 * tp * C : 0);
-#pragma omp for schedule(static) reduction(|| : bad)
+        rows(row_floats * tp * C);
+#pragma omp for schedule(static) reduction(|| : any)
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t j = i % tiles_per_sample;
       const Tile t{i / tiles_per_sample, j * tp, std::min(P, (j + 1) * tp)};
       if (noise) tile_noise(pr, t, seed, s, sample_offset, z.data(), run.data());
       const int64_t i0 = (t.b * P + t.p0) * C, n = (t.p1 - t.p0) * C;
-      update_tile<T, kGuided, kS0, kS1>(p, r, i0, n, z.data(),
-                                        rows.empty() ? nullptr : rows.data());
-      if (check) bad = any_nonfinite(p.out + i0, n) || bad;  // the tile is still in L1
+      any = body(i0, n, z.data(), rows.empty() ? nullptr : rows.data()) || any;
     }
   }
-  return bad;
+  return any;
+}
+
+// The step over every tile. Returns whether x_next holds a non-finite value (checked when
+// `check`, while each tile is still in L1).
+template <typename T, bool kGuided, int kS0, int kS1>
+bool run_tiles(const Pointers<T>& p, const Problem& pr, const Row& r, bool noise, uint64_t seed,
+               uint32_t s, int64_t sample_offset, bool check) {
+  return for_each_tile(pr, noise, seed, s, sample_offset, fast_rows<T>() ? 6 : 0,
+                       [&](int64_t i0, int64_t n, const float* z, float* rows) {
+                         update_tile<T, kGuided, kS0, kS1>(p, r, i0, n, z, rows);
+                         return check && any_nonfinite(p.out + i0, n);
+                       });
+}
+
+// out[0 .. n) = T(z * scale): the product in fp32, rounded to T once.
+template <typename T>
+FASTDIFF_CLONES void store_scaled(T* out, float* __restrict__ z, int64_t n, float scale) {
+  for (int64_t k = 0; k < n; ++k) z[k] *= scale;
+  from_float(out, z, n);  // vector conversions for fp16 where the CPU has them
 }
 
 template <typename T>
@@ -377,9 +410,29 @@ at::Tensor step_cpu(const at::Tensor& x, const at::Tensor& y,
   return out;
 }
 
+void gaussian_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t sample_offset,
+                  double scale) {
+  const Problem pr = check_gaussian_inputs(out, step, sample_offset);
+  TORCH_CHECK(out.device().is_cpu(), "fastdiff::gaussian_: the CPU kernel got a tensor on ",
+              out.device());
+  if (out.numel() == 0) return;
+  const auto scale_f = static_cast<float>(scale);
+  FASTDIFF_DISPATCH_FLOAT(out.scalar_type(), "fastdiff::gaussian_", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for_each_tile(pr, true, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+                  sample_offset, 0, [&](int64_t i0, int64_t n, float* z, float*) {
+                    store_scaled(o + i0, z, n, scale_f);
+                    return false;
+                  });
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("step", &step_cpu); }
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("step", &step_cpu);
+  m.impl("gaussian_", &gaussian_cpu);
+}
 
 }  // namespace step
 }  // namespace fastdiff

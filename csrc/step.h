@@ -135,6 +135,11 @@ Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
                           std::optional<at::ArrayRef<double>> clamp, bool stochastic,
                           const std::optional<at::Tensor>& nonfinite);
 
+// Validates the arguments of fastdiff::gaussian_ (out: a float32/float16/bfloat16 tensor,
+// contiguous or channels_last, to fill with z(seed, step, sample_offset + b, e) * scale) and
+// describes `out` as check_step_inputs describes x.
+Problem check_gaussian_inputs(const at::Tensor& out, int64_t step, int64_t sample_offset);
+
 // Whether a value of the state's dtype is NaN or infinite (all exponent bits set), from its
 // bits: branch-free, so a loop over a tile vectorises.
 template <typename T>

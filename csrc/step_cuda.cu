@@ -8,6 +8,8 @@
 // thread handles one Philox block of 4 logical elements with scalar loads.
 // Bytes per element: (2 + guided + histories read + 1 + histories written) * sizeof(T); e.g.
 // DDIM in fp32 moves 12 B/element, DPM-Solver++(2M) 20 B/element.
+// fastdiff::gaussian_ (the noise alone, e.g. a sample's x_T: the block kernel's noise, scaled
+// and stored) writes sizeof(T) B/element.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty_like.h>
@@ -185,16 +187,63 @@ __global__ void __launch_bounds__(kThreads) step_block_kernel(const Args<T> a) {
   flag(a, s, bad);
 }
 
-// Blocks of kThreads that fit on one SM at once (registers bound it), asked once per kernel.
-template <typename T, bool kVector>
+// fastdiff::gaussian_: out = T(z * scale), one Philox block (4 logical elements of one sample)
+// per thread and iteration. A contiguous output whose per-sample size is a multiple of 4 stores
+// the block's 4 values at once (16 bytes in fp32, 8 in fp16/bf16); otherwise each element goes
+// to its memory position (channels_last: logical e = c * P + p at p * C + c).
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gaussian_kernel(T* __restrict__ out, uint64_t seed, uint32_t s, int64_t sample_offset,
+                    float scale, int64_t batch, int64_t P, int64_t C, bool quad) {
+  const int64_t per_sample = P * C, blocks = (per_sample + 3) / 4, units = batch * blocks;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
+       u += stride) {
+    const int64_t b = u / blocks, block = u - b * blocks;
+    const float4 n = philox::normals(philox::block_words(
+        seed, static_cast<uint32_t>(block), static_cast<uint32_t>(sample_offset + b), s));
+    const float z[4] = {__fmul_rn(n.x, scale), __fmul_rn(n.y, scale), __fmul_rn(n.z, scale),
+                        __fmul_rn(n.w, scale)};
+    T* o = out + b * per_sample;
+    if (quad) {
+      Quad<T> q;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) q.v[l] = static_cast<T>(z[l]);
+      *reinterpret_cast<Quad<T>*>(o + 4 * block) = q;
+      continue;
+    }
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t e = 4 * block + l;
+      if (e >= per_sample) break;
+      o[C == 1 ? e : (e % P) * C + e / P] = static_cast<T>(z[l]);
+    }
+  }
+}
+
+// Blocks of kThreads of `kKernel` that fit on one SM at once (registers bound it), asked once.
+template <auto kKernel>
 int resident_blocks() {
   static const int blocks = [] {
     int n = 0;
-    void (*kernel)(Args<T>) = kVector ? step_vector_kernel<T> : step_block_kernel<T>;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0));
     return std::max(n, 1);
   }();
   return blocks;
+}
+
+// One full wave of resident blocks for `units` thread iterations (a grid-stride loop covers the
+// rest), fewer if the problem is small.
+int grid_size(int64_t units, int resident) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>((units + kThreads - 1) / kThreads,
+                           static_cast<int64_t>(sms) * resident)));
 }
 
 template <typename T>
@@ -220,7 +269,6 @@ at::Tensor step_cuda(const at::Tensor& x, const at::Tensor& y,
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);  // same strides: x is dense
   if (x.numel() == 0) return out;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   FASTDIFF_DISPATCH_FLOAT(x.scalar_type(), "fastdiff::step", [&] {
     using T = scalar_t;
@@ -254,12 +302,8 @@ at::Tensor step_cuda(const at::Tensor& x, const at::Tensor& y,
                         aligned16(a.h1) && aligned16(a.out);
     const int64_t units =
         vector ? pr.batch * pr.positions / V : pr.batch * ((pr.per_sample() + 3) / 4);
-    // One full wave of resident blocks (the grid-stride loop covers the rest), fewer if the
-    // problem is small.
-    const int resident = vector ? resident_blocks<T, true>() : resident_blocks<T, false>();
-    const int blocks = static_cast<int>(std::max<int64_t>(
-        1, std::min<int64_t>((units + kThreads - 1) / kThreads,
-                             static_cast<int64_t>(sms) * resident)));
+    const int blocks = grid_size(units, vector ? resident_blocks<step_vector_kernel<T>>()
+                                               : resident_blocks<step_block_kernel<T>>());
     if (vector) {
       step_vector_kernel<T><<<blocks, kThreads, 0, stream>>>(a);
     } else {
@@ -270,9 +314,34 @@ at::Tensor step_cuda(const at::Tensor& x, const at::Tensor& y,
   return out;
 }
 
+void gaussian_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t sample_offset,
+                   double scale) {
+  const Problem pr = check_gaussian_inputs(out, step, sample_offset);
+  TORCH_CHECK(out.is_cuda(), "fastdiff::gaussian_: the CUDA kernel got a tensor on ",
+              out.device());
+  const c10::cuda::CUDAGuard guard(out.device());
+  if (out.numel() == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  FASTDIFF_DISPATCH_FLOAT(out.scalar_type(), "fastdiff::gaussian_", [&] {
+    using T = scalar_t;
+    T* o = out.mutable_data_ptr<T>();
+    const bool quad = pr.channels == 1 && pr.positions % 4 == 0 &&
+                      reinterpret_cast<uintptr_t>(o) % sizeof(Quad<T>) == 0;
+    const int blocks = grid_size(pr.batch * ((pr.per_sample() + 3) / 4),
+                                 resident_blocks<gaussian_kernel<T>>());
+    gaussian_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        o, static_cast<uint64_t>(seed), static_cast<uint32_t>(step), sample_offset,
+        static_cast<float>(scale), pr.batch, pr.positions, pr.channels, quad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("step", &step_cuda); }
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
+  m.impl("step", &step_cuda);
+  m.impl("gaussian_", &gaussian_cuda);
+}
 
 }  // namespace step
 }  // namespace fastdiff

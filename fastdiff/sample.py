@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fastdiff import noise as noise_spec
+from fastdiff.ops import noise as noise_ops
 from fastdiff.ops import step as step_ops
 from fastdiff.samplers import SAMPLERS, Col, Plan, build_plan
 from fastdiff.schedules import Schedule
@@ -72,7 +72,7 @@ def sample(
     dtype = dtype or (noise.dtype if noise is not None else torch.float32)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
-    x = _initial(noise, shape, seed, sample_offset, device, dtype) * plan.init_scale
+    x = _initial(noise, shape, seed, sample_offset, device, dtype, plan.init_scale, backend)
     cond, uncond = _conditioning(cond, uncond, guidance_scale, x.shape[0], device)
     return _run(
         model,
@@ -315,7 +315,9 @@ def _device(model, noise, device) -> torch.device:
     return torch.device("cpu")
 
 
-def _initial(noise, shape, seed, sample_offset, device, dtype) -> torch.Tensor:
+def _initial(noise, shape, seed, sample_offset, device, dtype, scale, backend) -> torch.Tensor:
+    """x_T: the given unit noise times `scale`, or the noise of `seed` at step 0 times `scale`,
+    drawn by the fused kernels (the product in fp32, rounded once to dtype)."""
     if noise is None and shape is None:
         raise ValueError("give either shape=(B, C, H, W) or noise=tensor of that shape")
     if noise is not None:
@@ -325,14 +327,16 @@ def _initial(noise, shape, seed, sample_offset, device, dtype) -> torch.Tensor:
             )
         if noise.ndim < 2:
             raise ValueError(f"noise must be batched (B, ...), got shape {tuple(noise.shape)}")
-        return noise.to(device, dtype)
+        return noise.to(device, dtype) * scale
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or math.prod(shape) == 0:
         raise ValueError(f"shape must be (B, ...) with no zero dimension, got {shape}")
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    z = noise_spec.randn_like_batch(seed, 0, shape, sample_offset=sample_offset, device=device)
-    return z.to(dtype)
+    x = torch.empty(shape, dtype=dtype, device=device)
+    return noise_ops.gaussian_(
+        x, seed, 0, sample_offset=sample_offset, scale=scale, backend=backend
+    )
 
 
 def _conditioning(cond, uncond, guidance_scale, B, device):

@@ -14,7 +14,8 @@ fp16/bf16; a row is VEC // 4 Philox blocks), so contiguous states load and store
 access (scripts/compile_kernels.py shows the LDG.E.128). channels_last states map logical
 e = c * HW + p to memory p * C + c. Traffic: the reference makes ~12 passes over the state; this
 kernel reads x, y (, y_u, h0, h1) and writes x_next (, h) once: 12 B/element for DDIM in fp32,
-20 for DPM-Solver++(2M).
+20 for DPM-Solver++(2M). _gaussian_kernel is the same tiling and noise alone (a sample's x_T):
+out = z * scale, written once.
 """
 
 import os
@@ -99,27 +100,36 @@ def _combo(row_ptr, col: tl.constexpr, x, d, h0, h1, HAS_H0: tl.constexpr, HAS_H
     return v
 
 
-@triton.jit(do_not_specialize=["seed", "sample_offset"])
-def _step_kernel(
-    x_ptr, y_ptr, yu_ptr, h0_ptr, h1_ptr, out_ptr, table_ptr, counter_ptr, nonfinite_ptr,
-    seed, sample_offset, guidance, lo, hi, per_sample, positions, channels, blocks_per_sample,
-    GUIDED: tl.constexpr, HAS_H0: tl.constexpr, HAS_H1: tl.constexpr, CLAMP: tl.constexpr,
-    NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
-    FLAG: tl.constexpr,
-):  # fmt: skip
+@triton.jit
+def _tile(blocks_per_sample, per_sample, positions, channels, CHANNELS_LAST: tl.constexpr,
+          BLOCK: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """This program's BLOCK logical elements of sample b, as (BLOCK // VEC, VEC): the rows of
+    VEC elements, their memory offsets and their mask."""
     pid = tl.program_id(0)
     b = pid // blocks_per_sample
-    r = tl.load(counter_ptr)
-    row = table_ptr + r * NCOEF
     rows = (pid % blocks_per_sample).to(tl.int64) * (BLOCK // VEC) + tl.arange(0, BLOCK // VEC)
-    e = VEC * rows[:, None] + tl.arange(0, VEC)[None, :]  # (BLOCK // VEC, VEC) logical elements
+    e = VEC * rows[:, None] + tl.arange(0, VEC)[None, :]
     mask = e < per_sample
     if CHANNELS_LAST:
         off = (e % positions) * channels + e // positions
     else:
         off = e
-    off += b.to(tl.int64) * per_sample
+    return b, rows, off + b.to(tl.int64) * per_sample, mask
 
+
+@triton.jit(do_not_specialize=["seed", "sample_offset"])
+def _step_kernel(
+    x_ptr, y_ptr, yu_ptr, h0_ptr, h1_ptr, out_ptr, table_ptr, counter_ptr, nonfinite_ptr,
+    seed, sample_offset, guidance, lo, hi, blocks_per_sample, per_sample, positions, channels,
+    GUIDED: tl.constexpr, HAS_H0: tl.constexpr, HAS_H1: tl.constexpr, CLAMP: tl.constexpr,
+    NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+    FLAG: tl.constexpr,
+):  # fmt: skip
+    b, rows, off, mask = _tile(
+        blocks_per_sample, per_sample, positions, channels, CHANNELS_LAST, BLOCK, VEC
+    )
+    r = tl.load(counter_ptr)
+    row = table_ptr + r * NCOEF
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if GUIDED:
@@ -178,6 +188,59 @@ def step(
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
+    grid, layout = _layout(x, block)
+    lo, hi = clamp if clamp is not None else (0.0, 0.0)
+    _step_kernel[grid](
+        x, y, x if y_uncond is None else y_uncond, x if h0 is None else h0,
+        x if h1 is None else h1, out, table, counter,
+        counter if nonfinite is None else nonfinite,
+        seed, sample_offset, float(guidance), float(lo), float(hi), *layout["sizes"],
+        GUIDED=y_uncond is not None, HAS_H0=h0 is not None, HAS_H1=h1 is not None,
+        CLAMP=clamp is not None, NOISE=stochastic, **layout["constexprs"],
+        FLAG=nonfinite is not None,
+        enable_fp_fusion=False,  # no FMA contraction: the reference's roundings, as in csrc/
+    )  # fmt: skip
+    return out
+
+
+@triton.jit(do_not_specialize=["seed", "step", "sample_offset"])
+def _gaussian_kernel(
+    out_ptr, seed, step, sample_offset, scale, blocks_per_sample, per_sample, positions, channels,
+    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+):  # fmt: skip
+    b, rows, off, mask = _tile(
+        blocks_per_sample, per_sample, positions, channels, CHANNELS_LAST, BLOCK, VEC
+    )
+    z = _normals(seed, rows, sample_offset + b, step, VEC) * scale
+    tl.store(out_ptr + off, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gaussian_(
+    out: torch.Tensor,
+    seed: int,
+    step: int,
+    sample_offset: int,
+    scale: float,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Fill out (contiguous or channels_last) with z(seed, step, sample_offset + b, e) * scale,
+    the product in fp32 rounded once to out's dtype (fastdiff/ops/noise.py). Returns out."""
+    if out.numel() == 0:
+        return out
+    # compiled: one 16-byte row per thread of the default 4 warps (at two rows, ptxas holds the
+    # fp32 kernel to 32 registers and spills; scripts/compile_kernels.py)
+    block = block or (None if _INTERPRETED else 4 * 32 * (16 // out.element_size()))
+    grid, layout = _layout(out, block)
+    _gaussian_kernel[grid](
+        out, seed, step, sample_offset, float(scale), *layout["sizes"], **layout["constexprs"],
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _layout(x: torch.Tensor, block: int | None) -> tuple[tuple[int], dict]:
+    """The grid and the layout arguments of _tile for a dense state x: one program per BLOCK
+    logical elements of a sample."""
     batch = x.shape[0]
     if x.is_contiguous():
         positions, channels, channels_last = x.numel() // batch, 1, False
@@ -187,16 +250,7 @@ def step(
     # interpreted, a program costs the same whatever its size: fewer, bigger ones
     block = block or (4096 if _INTERPRETED else 1024)
     blocks_per_sample = triton.cdiv(per_sample, block)
-    lo, hi = clamp if clamp is not None else (0.0, 0.0)
-    _step_kernel[(batch * blocks_per_sample,)](
-        x, y, x if y_uncond is None else y_uncond, x if h0 is None else h0,
-        x if h1 is None else h1, out, table, counter,
-        counter if nonfinite is None else nonfinite,
-        seed, sample_offset, float(guidance), float(lo), float(hi),
-        per_sample, positions, channels, blocks_per_sample,
-        GUIDED=y_uncond is not None, HAS_H0=h0 is not None, HAS_H1=h1 is not None,
-        CLAMP=clamp is not None, NOISE=stochastic, CHANNELS_LAST=channels_last, BLOCK=block,
-        VEC=16 // x.element_size(), FLAG=nonfinite is not None,
-        enable_fp_fusion=False,  # no FMA contraction: the reference's roundings, as in csrc/
-    )  # fmt: skip
-    return out
+    return (batch * blocks_per_sample,), {
+        "sizes": (blocks_per_sample, per_sample, positions, channels),
+        "constexprs": dict(CHANNELS_LAST=channels_last, BLOCK=block, VEC=16 // x.element_size()),
+    }

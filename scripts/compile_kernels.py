@@ -254,7 +254,8 @@ class Launch:
 
 def step_launches() -> Iterator[Launch]:
     """Every distinct (history, noise) kind of sampler, in each dtype: plain NCHW; guided and
-    clamped channels_last; and (fp16) an odd size that defeats vector alignment."""
+    clamped channels_last; and (fp16) an odd size that defeats vector alignment. Then the noise
+    kernel (gaussian_) in each dtype, NCHW and channels_last."""
     from fastdiff import Schedule
     from fastdiff.ops.step import step_op
     from fastdiff.samplers import SAMPLERS, build_plan
@@ -278,6 +279,15 @@ def step_launches() -> Iterator[Launch]:
                 kw = dict(seed=1, sample_offset=0, guidance=2.0 if guided else 1.0, nonfinite=flags)
                 kw.update(clamp=(-1.0, 1.0) if guided else None, stochastic=stochastic)
                 yield Launch(config, step_op, args, kw)
+    # the noise alone (a sample's x_T), in each dtype and layout
+    from fastdiff.ops.noise import gaussian_op
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape, channels_last in [((2, 4, 64, 64), False), ((2, 4, 64, 64), True)]:
+            out = _rand(shape, dtype, channels_last)
+            config = dict(op="gaussian", shape=list(shape), dtype=_name(dtype))
+            config.update(channels_last=channels_last)
+            yield Launch(config, gaussian_op, (out, 1, 0), dict(sample_offset=0, scale=14.6))
 
 
 # (B, H, Lq, Lkv, d, dv): the tests' odd lengths and head dims, and the TARGETS.md shapes

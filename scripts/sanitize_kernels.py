@@ -7,7 +7,8 @@ result against the reference so that a run is also a correctness check:
 
 Shapes: 1823 elements (no multiple of any vector width), 3x5x7x11, 2x4x64x64; fp32/fp16/bf16;
 NCHW and channels_last; every sampler (with and without history, noise, guidance and clamp);
-GroupNorm+SiLU on both run paths, with and without thread block clusters.
+the noise alone (gaussian_, also into a view that starts off a 16-byte boundary); GroupNorm+SiLU
+on both run paths, with and without thread block clusters.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from fastdiff import Schedule
 from fastdiff.ops.group_norm_silu import group_norm_silu, group_norm_silu_reference
+from fastdiff.ops.noise import gaussian_, gaussian_reference
 from fastdiff.ops.step import step, step_reference
 from fastdiff.samplers import SAMPLERS, build_plan
 
@@ -89,6 +91,29 @@ def run_step(dev: torch.device, backend: str) -> int:
     return calls
 
 
+def run_gaussian(dev: torch.device, backend: str) -> int:
+    """x_T of every shape, dtype and layout, and once into a view whose data starts 4 bytes past
+    an aligned address (the 4-value stores must not be taken there)."""
+    calls = 0
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            for channels_last in (False, True) if len(shape) == 4 else (False,):
+                out = torch.full(shape, float("nan"), dtype=dtype, device=dev)
+                if channels_last:
+                    out = out.contiguous(memory_format=torch.channels_last)
+                ref = gaussian_reference(torch.empty_like(out), 7, 0, sample_offset=3, scale=14.6)
+                gaussian_(out, 7, 0, sample_offset=3, scale=14.6, backend=backend)
+                sync(dev)
+                check(f"gaussian_ {shape} {dtype} channels_last={channels_last}", out, ref, dtype)
+                calls += 1
+    storage = torch.full((1 + 2 * 4 * 8 * 8,), float("nan"), device=dev)
+    out = storage[1:].view(2, 4, 8, 8)
+    gaussian_(out, 7, 5, backend=backend)
+    sync(dev)
+    check("gaussian_ unaligned", out, gaussian_reference(torch.empty_like(out), 7, 5), out.dtype)
+    return calls + 1
+
+
 # odd sizes (element-wise path); 16-byte runs in NCHW only, and in both layouts (vector path);
 # channels_last runs of 2 and 4 channels (2, 10 and 20 per group); two large groups, each split
 # over a cluster of blocks, more runs than the registers hold
@@ -139,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sanitize_kernels.py: --backend {args.backend} needs a CUDA device", file=sys.stderr)
         return 2
     steps, norms = run_step(dev, args.backend), run_group_norm(dev, args.backend)
+    noises = run_gaussian(dev, args.backend)
     norms += run_group_norm_without_clusters(dev, args.backend)
-    print(f"{args.backend}: step {steps} calls, group_norm_silu {norms} calls, all equal")
+    print(
+        f"{args.backend}: step {steps} calls, gaussian_ {noises} calls, "
+        f"group_norm_silu {norms} calls, all equal"
+    )
     return 0
 
 

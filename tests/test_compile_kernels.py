@@ -53,7 +53,7 @@ def kernels(report, source, op=None, **config):
 def test_every_triton_kernel_compiles_within_the_limits(report):
     assert report["arch"] == 90
     ops = {k["config"].get("op") for k in report["kernels"] if k["source"] == "triton"}
-    assert ops == {"step", "attention", "group_norm_silu"}
+    assert ops == {"step", "gaussian", "attention", "group_norm_silu"}
     for k in report["kernels"]:
         assert not k["problems"], (k["name"], k["config"], k["problems"])
         assert 0 < k["registers"] <= 255 and k["shared_bytes"] <= 227 * 1024
@@ -71,6 +71,17 @@ def test_step_kernel_moves_16_bytes_per_access(report):
             assert ops.get("LDG.E.128", 0) >= 2 and ops.get("STG.E.128"), (k["config"], ops)
             narrow = [op for op in ops if op.startswith("STG") and op != "STG.E.128"]
             assert narrow == ["STG.E"] and ops["STG.E"] <= ops["STG.E.128"], (k["config"], ops)
+
+
+def test_noise_kernel_stores_16_bytes_per_thread(report):
+    # x_T alone, NCHW: one 16-byte store per thread and nothing else written or read from
+    # global memory but libdevice's sin/cos reduction table (LDG.E.CONSTANT); no spills
+    for dtype in ("float32", "float16", "bfloat16"):
+        for k in kernels(report, "triton", "gaussian", dtype=dtype, channels_last=False):
+            ops = k["memory_ops"]
+            assert k["spill_bytes"] == 0 and k["shared_bytes"] == 0, (k["config"], k)
+            assert [op for op in ops if op.startswith("STG")] == ["STG.E.128"], ops
+            assert set(ops) <= {"STG.E.128", "LDG.E.CONSTANT"}, ops
 
 
 def test_16_bit_attention_uses_hgmma_and_wide_loads(report):
@@ -109,6 +120,14 @@ def test_cuda_extension_kernels(report):
     for k in step:
         assert k["memory_ops"].get("LDG.E.128", 0) >= 2 and k["memory_ops"].get("STG.E.128", 0)
         assert k["spill_bytes"] == 0
+    # the noise kernel: a Philox block's 4 values in one store (16 bytes fp32, 8 fp16/bf16)
+    noise = {
+        k["name"]: k for k in report["kernels"] if k["source"] == "cuda" and "gaussian" in k["name"]
+    }
+    assert sorted(noise) == [f"gaussian_kernel<{t}>" for t in ("BFloat16", "Half", "float")]
+    for name, k in noise.items():
+        wide = "STG.E.128" if name.endswith("<float>") else "STG.E.64"
+        assert k["memory_ops"].get(wide) == 1 and k["spill_bytes"] == 0, (name, k["memory_ops"])
     # GroupNorm+SiLU: <dtype, channels_last, run length[, cached runs]>. Runs: one element, or
     # 16 bytes, or in channels_last every power of two in between (per-group channel counts such
     # as SD1.5's 10 and 20); each run length has the one-kernel path (4 cache sizes; one for
@@ -150,10 +169,17 @@ ptx = {{}}
 with ck.TritonCompiler(90) as compiler:
     for launch in ck.step_launches():
         c = launch.config
-        if c["dtype"] == "float32" and c["guided"] and c["sampler"] in ("dpmpp_3m_sde", "unipc"):
-            launch.run()
-            (_, kernel), = compiler.take()
-            ptx["noise" if c["sampler"] == "dpmpp_3m_sde" else "none"] = kernel.asm["ptx"]
+        if c["dtype"] != "float32":
+            continue
+        if c["op"] == "gaussian" and not c["channels_last"]:
+            name = "gaussian"
+        elif c["op"] == "step" and c["guided"] and c["sampler"] in ("dpmpp_3m_sde", "unipc"):
+            name = "noise" if c["sampler"] == "dpmpp_3m_sde" else "none"
+        else:
+            continue
+        launch.run()
+        (_, kernel), = compiler.take()
+        ptx[name] = kernel.asm["ptx"]
 print(json.dumps(ptx))
 """
 
@@ -161,15 +187,16 @@ print(json.dumps(ptx))
 def test_step_kernel_rounds_like_the_reference(tmp_path):
     """The compiled step kernel takes log/sin/cos from libdevice (no .approx instructions) with a
     correctly rounded sqrt, and contracts nothing into an FMA outside them (guided, clamped,
-    two histories; with and without noise)."""
+    two histories; with and without noise); so does the noise kernel."""
     code = STEP_PTX.format(scripts=str(SCRIPTS))
     run = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=compile_env(tmp_path)
     )
     assert run.returncode == 0, run.stderr[-3000:]
     ptx = json.loads(run.stdout.splitlines()[-1])
-    assert not any(op in ptx["noise"] for op in ("lg2.approx", "sin.approx", "cos.approx"))
-    assert "sqrt.rn." in ptx["noise"] and "sqrt.approx" not in ptx["noise"]
+    for name in ("noise", "gaussian"):  # the step's noise, and the noise kernel's
+        assert not any(op in ptx[name] for op in ("lg2.approx", "sin.approx", "cos.approx"))
+        assert "sqrt.rn." in ptx[name] and "sqrt.approx" not in ptx[name]
     assert "fma" not in ptx["none"]
 
 

@@ -30,18 +30,24 @@ def test_sanitizer_driver_on_the_cpu_kernels(capsys):
     driver = load_script("sanitize_kernels")
     assert driver.main(["--backend", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "step 1020 calls, group_norm_silu 54 calls, all equal" in out
+    assert "step 1020 calls, gaussian_ 16 calls, group_norm_silu 54 calls, all equal" in out
 
 
-def test_sanitizer_driver_fails_on_a_wrong_result(monkeypatch):
+@pytest.mark.parametrize(
+    "op, run, wrong",
+    [
+        ("group_norm_silu", "run_group_norm", lambda real: lambda *a, **k: real(*a, **k) * 1.01),
+        ("gaussian_", "run_gaussian", lambda real: lambda *a, **k: real(*a, **k).mul_(1.01)),
+    ],
+)
+def test_sanitizer_driver_fails_on_a_wrong_result(monkeypatch, op, run, wrong):
     reason = step_op.get("cpu").ready()
     if reason:
         pytest.skip(reason)
     driver = load_script("sanitize_kernels")
-    real = driver.group_norm_silu
-    monkeypatch.setattr(driver, "group_norm_silu", lambda *a, **k: real(*a, **k) * 1.01)
-    with pytest.raises(SystemExit, match="group_norm_silu"):
-        driver.run_group_norm(driver.torch.device("cpu"), "cpu")
+    monkeypatch.setattr(driver, op, wrong(getattr(driver, op)))
+    with pytest.raises(SystemExit, match=op):
+        getattr(driver, run)(driver.torch.device("cpu"), "cpu")
 
 
 def test_gpu_check_packs_its_results_and_keeps_to_the_deadline(tmp_path):

@@ -1,4 +1,7 @@
-"""one sampler step: the fused step op per backend vs its reference and diffusers' step()"""
+"""one sampler step: the fused step op per backend vs its reference and diffusers' step(); x_T
+
+The x_T cases time a sample's initial noise: the noise kernels against the specification in
+torch ops and against torch.randn (what diffusers' pipelines draw)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import itertools
 import torch
 from harness import Case, Contender, Context, Skip, first_line
 
+from fastdiff.ops import noise as noise_ops
 from fastdiff.ops import step as step_ops
 from fastdiff.samplers import Col, build_plan
 from sections._shared import SCHEDULES, SPACING, dtype_name, scheduler, shape_name
@@ -19,6 +23,9 @@ NOTES = (
     "(x, y, h0 -> x_next, h0). % roofline = those bytes at the probed copy bandwidth / time.",
     "+graph: K steps on K rotating input sets captured back to back in one CUDA graph; time per "
     "step = replay / K, i.e. what the step costs inside a whole-step graph.",
+    "x_T: the initial noise times sigma_max (14.6, Stable Diffusion's), as fastdiff.sample draws "
+    "it; bytes = the one write of x_T. torch.randn is diffusers' randn_tensor (a generator, "
+    "then the scale); reference is fastdiff/noise.py's specification in torch ops.",
 )
 # label: fastdiff sampler, its options, steps; the timed step is row ROW of the plan
 SAMPLERS = {
@@ -55,7 +62,36 @@ def cases(ctx: Context) -> list[Case]:
     for shape, dtype in shapes[:QUICK_CPU_SHAPES] if ctx.quick and not ctx.cuda else shapes:
         for label, (sampler, options, steps) in SAMPLERS.items():
             out.append(_case(ctx, label, sampler, options, steps, shape, dtype))
+        out.append(_noise_case(ctx, shape, dtype))
     return out
+
+
+def _noise_case(ctx, shape, dtype) -> Case:
+    scale = 14.6  # Stable Diffusion's sigma_max: an Euler-type sampler's x_T
+    out = torch.empty(shape, device=ctx.device, dtype=dtype)
+
+    def randn():
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        return lambda: torch.randn(shape, generator=g, device=ctx.device, dtype=dtype) * scale
+
+    def fill(backend):
+        return lambda: noise_ops.gaussian_(out, 0, 0, scale=scale, backend=backend)
+
+    contenders = [
+        Contender("torch.randn", randn, True),
+        Contender("reference", lambda: fill("reference"), True),
+    ]
+    for name in noise_ops.gaussian_op.names:
+        if name != "reference" and not noise_ops.gaussian_op.why_not(name, out):
+            if name != "triton" or ctx.cuda:  # interpreted Triton is a test vehicle
+                contenders.append(Contender(f"fastdiff-{name}", lambda name=name: fill(name)))
+    return Case(
+        f"x_T {shape_name(shape)} {dtype_name(dtype)}",
+        contenders,
+        params=dict(shape=list(shape), dtype=str(dtype), scale=scale),
+        unit="call",
+        bytes=out.numel() * out.element_size(),
+    )
 
 
 def _case(ctx, label, sampler, options, steps, shape, dtype) -> Case:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import noise as noise_spec
+from fastdiff.ops import noise as noise_ops
 
 _NP = {
     "tensor(float)": np.float32,
@@ -99,12 +99,16 @@ class OnnxStepRunner(_Runner):
 
     def sample(self, shape, *, seed: int = 0, sample_offset: int = 0, cond=None, noise=None):
         shape = tuple(shape)
-        if noise is None:
-            noise = noise_spec.randn_like_batch(seed, 0, shape, sample_offset=sample_offset)
-        x = noise.float() * self.init_scale
+        if noise is None:  # the noise of fastdiff/noise.py, drawn by the fused CPU kernel
+            x = noise_ops.gaussian_(
+                torch.empty(shape), seed, 0, sample_offset=sample_offset, scale=self.init_scale
+            )
+        else:
+            x = noise.float() * self.init_scale
         history = torch.zeros(self.n_history, *shape) if self.n_history else None
+        z = torch.empty(shape)
         for i in range(self.rows):
-            z = noise_spec.randn_like_batch(seed, i + 1, shape, sample_offset=sample_offset)
+            noise_ops.gaussian_(z, seed, i + 1, sample_offset=sample_offset)
             x, history = self.step(x, i, z, history, **(cond or {}))
             if not math.isfinite(float(x.abs().max())):
                 raise FloatingPointError(f"non-finite values at step {i} of {self.rows}")

@@ -7,8 +7,9 @@ Inputs:  x (B, C, H, W), step (1,) int64 row index, [context (B, L, D)], [uncond
          i.e. fastdiff.noise.randn_like_batch(seed, step + 1, x.shape), and history
          (n_history, B, C, H, W) when the sampler keeps any (ddim, euler, euler_a keep none).
 Outputs: x_next, [new_history].
-The loop (OnnxStepRunner.sample) starts from x = init_scale * randn_like_batch(seed, 0, shape)
-and zero history and runs the graph for rows 0 .. rows-1."""
+The loop (OnnxStepRunner.sample) starts from x = init_scale * the noise at step 0 and zero
+history and runs the graph for rows 0 .. rows-1; it draws every noise with
+fastdiff.ops.noise.gaussian_ (the same values as randn_like_batch, in one pass)."""
 
 from __future__ import annotations
 

@@ -185,3 +185,16 @@ def extension_ready(op: str, device_types: Sequence[str] = ("cpu",)) -> Callable
         return answer[0]
 
     return ready
+
+
+def extension_backend(
+    device: str,
+    op: str,
+    fn: Callable,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16),
+    check: Callable[..., list[str]] | None = None,
+) -> Backend:
+    """The `device` backend ("cuda" or "cpu", named after its device) of an op that fastdiff._C
+    implements as torch.ops.fastdiff.<op>: ready once the extension is built with that op (and,
+    for cuda, with CUDA)."""
+    return Backend(device, fn, (device,), dtypes, ready=extension_ready(op, (device,)), check=check)

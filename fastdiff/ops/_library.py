@@ -45,3 +45,8 @@ def _step_fake(x, y, y_uncond, h0, h1, table, counter, *scalars_and_flags) -> to
             )
     torch._check(table.dim() == 2, lambda: "fastdiff::step: table must be (rows, NCOEF)")
     return torch.empty_like(x)  # x is dense: its strides are kept
+
+
+@register_fake("gaussian_")
+def _gaussian_fake(out, seed, step, sample_offset, scale) -> None:
+    return None  # fills `out` in place; its metadata stays as it is

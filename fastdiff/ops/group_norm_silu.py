@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops._dispatch import Backend, Op, extension_ready, triton_backend
+from fastdiff.ops._dispatch import Op, extension_backend, triton_backend
 
 # TARGETS.md shapes (B, C, H, W) with 32 groups, for benchmarks/run.py (GB/s: 2 x numel x itemsize
 # is the byte floor: read x once, write once)
@@ -168,20 +168,10 @@ def _extension_group_norm_silu(x, num_groups, weight, bias, eps, scale_shift, re
 
 GROUP_NORM_SILU = Op("group_norm_silu", group_norm_silu_reference)
 for _backend in (
-    Backend(
-        "cuda",
-        _extension_group_norm_silu,
-        ("cuda",),
-        ready=extension_ready("group_norm_silu_fwd", ("cuda",)),
-        check=_cuda_check,
-    ),
+    extension_backend("cuda", "group_norm_silu_fwd", _extension_group_norm_silu, check=_cuda_check),
     triton_backend(_triton_group_norm_silu, check=_triton_check),
-    Backend(
-        "cpu",
-        _extension_group_norm_silu,
-        ("cpu",),
-        ready=extension_ready("group_norm_silu_fwd", ("cpu",)),
-        check=_extension_check,
+    extension_backend(
+        "cpu", "group_norm_silu_fwd", _extension_group_norm_silu, check=_extension_check
     ),
 ):
     GROUP_NORM_SILU.register(_backend)

@@ -30,7 +30,7 @@ import os
 import torch
 
 from fastdiff import noise
-from fastdiff.ops._dispatch import Backend, Op, extension_ready, requested, triton_backend
+from fastdiff.ops._dispatch import Backend, Op, extension_backend, requested, triton_backend
 from fastdiff.samplers import NCOEF, Col
 
 
@@ -211,22 +211,8 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 step_op = Op("step", step_reference)
 # cpu before triton: on CPU tensors triton only runs interpreted (TRITON_INTERPRET=1), far slower
 for _backend in (
-    Backend(
-        "cuda",
-        _extension_step,
-        ("cuda",),
-        _FUSED_DTYPES,
-        ready=extension_ready("step", ("cuda",)),
-        check=_fused_check,
-    ),
-    Backend(
-        "cpu",
-        _extension_step,
-        ("cpu",),
-        _FUSED_DTYPES,
-        ready=extension_ready("step", ("cpu",)),
-        check=_fused_check,
-    ),
+    extension_backend("cuda", "step", _extension_step, _FUSED_DTYPES, _fused_check),
+    extension_backend("cpu", "step", _extension_step, _FUSED_DTYPES, _fused_check),
     triton_backend(_triton_step, _FUSED_DTYPES, _fused_check),
 ):
     step_op.register(_backend)
