@@ -41,16 +41,6 @@ __attribute__((target("avx,f16c"))) inline void float_to_half_f16c(const float* 
 }
 #endif
 
-// Whether to_float / from_float of T take a vector path (then a kernel may convert in rows
-// rather than per element).
-template <typename T>
-bool fast_rows() {
-#ifdef FASTDIFF_F16C
-  if constexpr (std::is_same_v<T, c10::Half>) return has_f16c();
-#endif
-  return false;
-}
-
 // dst[0, n) = x[0, n) in fp32
 template <typename T>
 void to_float(float* dst, const T* x, int64_t n) {

@@ -189,7 +189,8 @@ __attribute__((target("avx2"))) void chunk_words_avx2(uint32_t (*w)[kChunk], uin
   const __m256i m0 = _mm256_set1_epi64x(philox::kM0), m1 = _mm256_set1_epi64x(philox::kM1);
   const __m256i low = _mm256_set1_epi64x(0xFFFFFFFFll);
   const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // the lanes' low words
-  const __m256i first = _mm256_add_epi64(_mm256_set1_epi64x(block0), _mm256_setr_epi64x(0, 1, 2, 3));
+  const __m256i first =
+      _mm256_add_epi64(_mm256_set1_epi64x(block0), _mm256_setr_epi64x(0, 1, 2, 3));
   for (int j = 0; j < kChunk; j += 8) {
     __m256i c[2][4];
     for (int u = 0; u < 2; ++u) {
@@ -332,24 +333,63 @@ FASTDIFF_CLONES void update_span(const Pointers<T>& p, const Row& r, int64_t i0,
   }
 }
 
-// update_span over one tile. A 16-bit state with vector conversions (cpu_convert.h) converts
-// the tile's operands into fp32 rows, runs the fp32 update on them and converts its outputs
-// back: the same values as converting element by element. `rows` holds 6 x n floats.
+#ifdef FASTDIFF_F16C
+// n <= 8 fp16 values from p in fp32 lanes (a tail goes through a zeroed buffer)
+__attribute__((target("avx,f16c"))) inline __m256 load_half8(const c10::Half* p, int64_t n) {
+  if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) uint16_t b[8] = {};
+  std::memcpy(b, p, n * sizeof(uint16_t));
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+}
+
+// the first n <= 8 lanes of v rounded to fp16 (to nearest even, as c10::Half) into p
+__attribute__((target("avx,f16c"))) inline void store_half8(c10::Half* p, __m256 v, int64_t n) {
+  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  if (n == 8) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  alignas(16) uint16_t b[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(b), h);
+  std::memcpy(p, b, n * sizeof(uint16_t));
+}
+
+// update_span of an fp16 state on a CPU with F16C, 8 elements at a time converted in registers
+// (vcvtph2ps / vcvtps2ph) around the fp32 update. c10::Half's scalar conversions are bit
+// manipulation that does not vectorise; converting a whole tile into fp32 rows first spills the
+// rows out of L1 (that ran the fp16 DPM-Solver++ 2M step at half the fp32 speed).
+template <bool kGuided, int kS0, int kS1>
+__attribute__((target("avx,f16c"))) void update_span_f16c(const Pointers<c10::Half>& p,
+                                                           const Row& r, int64_t i0, int64_t n,
+                                                           const float* z) {
+  const Row rr = r;  // a local copy: the stores below cannot alias it, so it stays in registers
+  for (int64_t k = i0; k < i0 + n; k += 8) {
+    const int64_t m = std::min<int64_t>(8, i0 + n - k);
+    alignas(32) float x[8], y[8], yu[8], h0[8], h1[8], out[8], nh0[8], nh1[8];
+    _mm256_store_ps(x, load_half8(p.x + k, m));
+    _mm256_store_ps(y, load_half8(p.y + k, m));
+    if (kGuided) _mm256_store_ps(yu, load_half8(p.yu + k, m));
+    if (kS0) _mm256_store_ps(h0, load_half8(p.h0 + k, m));
+    if (kS1) _mm256_store_ps(h1, load_half8(p.h1 + k, m));
+    const float* zk = z + (k - i0);
+    alignas(32) float zt[8] = {};
+    if (m < 8) zk = static_cast<const float*>(std::memcpy(zt, zk, m * sizeof(float)));
+    for (int j = 0; j < 8; ++j)
+      out[j] = update(rr, x[j], y[j], kGuided ? yu[j] : 0.0f, kS0 ? h0[j] : 0.0f,
+                      kS1 ? h1[j] : 0.0f, zk[j], nh0[j], nh1[j], kGuided, kS0 > 0, kS1 > 0);
+    store_half8(p.out + k, _mm256_load_ps(out), m);
+    if (kS0 == 2) store_half8(p.h0 + k, _mm256_load_ps(nh0), m);
+    if (kS1 == 2) store_half8(p.h1 + k, _mm256_load_ps(nh1), m);
+  }
+}
+#endif
+
+// update_span over one tile; fp16 on a CPU with F16C takes update_span_f16c.
 template <typename T, bool kGuided, int kS0, int kS1>
-void update_tile(const Pointers<T>& p, const Row& r, int64_t i0, int64_t n, const float* z,
-                 float* rows) {
-  if (rows == nullptr) return update_span<T, kGuided, kS0, kS1>(p, r, i0, n, z);
-  float *x = rows, *y = rows + n, *yu = rows + 2 * n, *h0 = rows + 3 * n, *h1 = rows + 4 * n,
-        *out = rows + 5 * n;
-  to_float(x, p.x + i0, n);
-  to_float(y, p.y + i0, n);
-  if (kGuided) to_float(yu, p.yu + i0, n);
-  if (kS0) to_float(h0, p.h0 + i0, n);
-  if (kS1) to_float(h1, p.h1 + i0, n);
-  update_span<float, kGuided, kS0, kS1>({x, y, yu, h0, h1, out}, r, 0, n, z);
-  from_float(p.out + i0, out, n);
-  if (kS0 == 2) from_float(p.h0 + i0, h0, n);
-  if (kS1 == 2) from_float(p.h1 + i0, h1, n);
+void update_tile(const Pointers<T>& p, const Row& r, int64_t i0, int64_t n, const float* z) {
+#ifdef FASTDIFF_F16C
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (has_f16c()) return update_span_f16c<kGuided, kS0, kS1>(p, r, i0, n, z);
+  }
+#endif
+  update_span<T, kGuided, kS0, kS1>(p, r, i0, n, z);
 }
 
 template <typename F>
@@ -380,13 +420,12 @@ FASTDIFF_CLONES bool any_nonfinite(const T* __restrict__ out, int64_t n) {
   return bad;
 }
 
-// Calls body(i0, n, z, rows) for every tile of the call (memory [i0, i0 + n)), the tiles split
+// Calls body(i0, n, z) for every tile of the call (memory [i0, i0 + n)), the tiles split
 // statically over the OpenMP threads; z holds the tile's noise when `noise` (else zeros), in
-// memory order, and `rows` is the thread's own buffer of row_floats x n floats (nullptr when
-// 0). Returns whether any call of body returned true.
+// memory order. Returns whether any call of body returned true.
 template <typename Body>
 bool for_each_tile(const Problem& pr, bool noise, uint64_t seed, uint32_t s,
-                   int64_t sample_offset, int64_t row_floats, Body&& body) {
+                   int64_t sample_offset, Body&& body) {
   const int64_t P = pr.positions, C = pr.channels;
   // ~4096 elements per tile (16 KiB of fp32 noise: stays in L1/L2), at least 16 positions.
   const int64_t tp = std::max<int64_t>(16, (4096 / C + 3) / 4 * 4);
@@ -397,15 +436,14 @@ bool for_each_tile(const Problem& pr, bool noise, uint64_t seed, uint32_t s,
   bool any = false;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<float> z(tp * C + 4, 0.0f), run(noise && C > 1 ? tp + 8 : 0),
-        rows(row_floats * tp * C);
+    std::vector<float> z(tp * C + 4, 0.0f), run(noise && C > 1 ? tp + 8 : 0);
 #pragma omp for schedule(static) reduction(|| : any)
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t j = i % tiles_per_sample;
       const Tile t{i / tiles_per_sample, j * tp, std::min(P, (j + 1) * tp)};
       if (noise) tile_noise(pr, t, seed, s, sample_offset, z.data(), run.data());
       const int64_t i0 = (t.b * P + t.p0) * C, n = (t.p1 - t.p0) * C;
-      any = body(i0, n, z.data(), rows.empty() ? nullptr : rows.data()) || any;
+      any = body(i0, n, z.data()) || any;
     }
   }
   return any;
@@ -416,9 +454,9 @@ bool for_each_tile(const Problem& pr, bool noise, uint64_t seed, uint32_t s,
 template <typename T, bool kGuided, int kS0, int kS1>
 bool run_tiles(const Pointers<T>& p, const Problem& pr, const Row& r, bool noise, uint64_t seed,
                uint32_t s, int64_t sample_offset, bool check) {
-  return for_each_tile(pr, noise, seed, s, sample_offset, fast_rows<T>() ? 6 : 0,
-                       [&](int64_t i0, int64_t n, const float* z, float* rows) {
-                         update_tile<T, kGuided, kS0, kS1>(p, r, i0, n, z, rows);
+  return for_each_tile(pr, noise, seed, s, sample_offset,
+                       [&](int64_t i0, int64_t n, const float* z) {
+                         update_tile<T, kGuided, kS0, kS1>(p, r, i0, n, z);
                          return check && any_nonfinite(p.out + i0, n);
                        });
 }
@@ -493,7 +531,7 @@ void gaussian_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t sam
   FASTDIFF_DISPATCH_FLOAT(out.scalar_type(), "fastdiff::gaussian_", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     for_each_tile(pr, true, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
-                  sample_offset, 0, [&](int64_t i0, int64_t n, float* z, float*) {
+                  sample_offset, [&](int64_t i0, int64_t n, float* z) {
                     store_scaled(o + i0, z, n, scale_f);
                     return false;
                   });
