@@ -44,12 +44,14 @@ def _box_muller(wa, wb):
     ua = ((wa >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # exact: * 2**-23
     ub = ((wb >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
     theta = (ub - 0.5) * 6.2831854820251465  # float32(2 pi), one rounding
+    # cos and sin before the log: the other order kept log(ua) live across sin/cos's (never
+    # taken) large-argument paths, which Triton 3.6's ptxas spilled in the heaviest configs
     if _INTERPRETED:
-        r = tl.sqrt_rn(-2.0 * tl.log(ua))
         c, s = tl.cos(theta), tl.sin(theta)
+        r = tl.sqrt_rn(-2.0 * tl.log(ua))
     else:
-        r = libdevice.sqrt_rn(-2.0 * libdevice.log(ua))
         c, s = libdevice.cos(theta), libdevice.sin(theta)
+        r = libdevice.sqrt_rn(-2.0 * libdevice.log(ua))
     return r * c, r * s
 
 
@@ -246,11 +248,13 @@ def _layout(x: torch.Tensor, block: int | None) -> tuple[tuple[int], dict]:
         positions, channels, channels_last = x.numel() // batch, 1, False
     else:
         positions, channels, channels_last = x.shape[2] * x.shape[3], x.shape[1], True
-    per_sample = positions * channels
-    # interpreted, a program costs the same whatever its size: fewer, bigger ones
-    block = block or (4096 if _INTERPRETED else 1024)
+    per_sample, vec = positions * channels, 16 // x.element_size()
+    # interpreted, a program costs the same whatever its size: fewer, bigger ones. Compiled,
+    # a channels_last program loads and stores element by element, each with its own address:
+    # one 16-byte row per thread of 4 warps there (two fp32 rows took up to 150 registers).
+    block = block or (4096 if _INTERPRETED else 4 * 32 * vec if channels_last else 1024)
     blocks_per_sample = triton.cdiv(per_sample, block)
     return (batch * blocks_per_sample,), {
         "sizes": (blocks_per_sample, per_sample, positions, channels),
-        "constexprs": dict(CHANNELS_LAST=channels_last, BLOCK=block, VEC=16 // x.element_size()),
+        "constexprs": dict(CHANNELS_LAST=channels_last, BLOCK=block, VEC=vec),
     }

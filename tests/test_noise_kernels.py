@@ -43,6 +43,7 @@ def empty(shape, dtype, device, channels_last):
         ((3, 5, 7, 11), True, 2**63 + 12345, 17, 0, 80.0),
         ((2, 6, 4, 3), True, 1, 0, 9, -0.5),
         ((2, 4, 16, 16), False, 7, 5, 0, 1.0),  # contiguous, 16-byte rows
+        ((2, 3, 4, 8), True, 3, 1, 2, 2.0),  # channels_last, a row within one channel
     ],
 )
 def test_matches_spec(backend, shape, channels_last, seed, offset, step_, scale):
@@ -58,7 +59,8 @@ def test_matches_spec(backend, shape, channels_last, seed, offset, step_, scale)
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    "shape, channels_last", [((2, 4, 8, 8), False), ((3, 5, 7, 11), False), ((2, 6, 4, 3), True)]
+    "shape, channels_last",
+    [((2, 4, 8, 8), False), ((3, 5, 7, 11), False), ((2, 6, 4, 3), True), ((2, 3, 4, 8), True)],
 )
 def test_16_bit_outputs_round_once(backend, dtype, shape, channels_last):
     """z * scale in fp32, rounded once to the output's dtype: the reference's value unless a

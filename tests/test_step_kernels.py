@@ -28,6 +28,8 @@ CASES = {
     "3x5x7x11": ((3, 5, 7, 11), False, True, (-1.5, 1.0)),
     "3x5x7x11-cl": ((3, 5, 7, 11), True, True, None),
     "2x3x5x3-cl-clamp": ((2, 3, 5, 3), True, False, (-0.5, 0.5)),
+    # 32 positions: a Triton row (4 or 8 elements) never crosses a channel (ROW_IN_CHANNEL)
+    "2x3x4x8-cl": ((2, 3, 4, 8), True, True, None),
 }
 
 
@@ -149,6 +151,7 @@ def unit_noise_table(rows: int, dtype=torch.float64) -> torch.Tensor:
         ((3, 5, 7, 11), False, 2**64 - 1, 2**32 - 3, 2**16 + 3),  # top seed and sample
         ((3, 5, 7, 11), True, 2**63 + 12345, 17, 5),
         ((2, 6, 4, 3), True, 1, 0, 9),
+        ((2, 3, 4, 8), True, 7, 2, 1),
     ],
 )
 def test_noise_matches_spec(backend, shape, channels_last, seed, offset, counter):
@@ -168,7 +171,8 @@ def test_noise_matches_spec(backend, shape, channels_last, seed, offset, counter
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    "shape, channels_last", [((2, 4, 8, 8), False), ((3, 5, 7, 11), False), ((2, 6, 4, 3), True)]
+    "shape, channels_last",
+    [((2, 4, 8, 8), False), ((3, 5, 7, 11), False), ((2, 6, 4, 3), True), ((2, 3, 4, 8), True)],
 )
 def test_noise_in_16_bit_states(backend, dtype, shape, channels_last):
     """16-bit states take 8 elements (two Philox blocks) per vector in the Triton kernel: each
