@@ -1,6 +1,6 @@
 """Compile fastdiff's GPU kernels for a GPU that is not here, and report what the compiler made:
 
-    python scripts/compile_kernels.py [--arch 90] [--json FILE] [--only step attention ...]
+    python scripts/compile_kernels.py [--arch 90] [--json FILE] [--only step ...] [--jobs N]
 
 Triton: every kernel configuration that the `triton` backends of the step, attention and
 GroupNorm+SiLU ops choose for a list of shapes (the tests' odd shapes and the benchmark shapes)
@@ -358,30 +358,47 @@ LAUNCHES = {
 }
 
 
-def compile_triton(arch: int, sections: list[str]) -> list[Kernel]:
-    """Compile every launch of the chosen sections. A kernel that automatic dispatch passes over
-    on CUDA (it runs only when named) may spill: that is a note, not a problem."""
+def compile_triton(arch: int, sections: list[str], jobs: int = 1) -> list[Kernel]:
+    """Compile every launch of the chosen sections, over `jobs` processes (each compiles every
+    jobs-th launch; the result keeps the launches' order). A kernel that automatic dispatch
+    passes over on CUDA (it runs only when named) may spill: that is a note, not a problem."""
+    if jobs <= 1:
+        return [Kernel(**d) for _, d in _compile_share(arch, sections, 0, 1)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawned, not forked: a fork would inherit the parent's OpenMP and Triton state
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shares = pool.map(_compile_share, *zip(*[(arch, sections, w, jobs) for w in range(jobs)]))
+        found = sorted((pair for share in shares for pair in share), key=lambda p: p[0])
+    return [Kernel(**d) for _, d in found]
+
+
+def _compile_share(arch: int, sections: list[str], share: int, jobs: int) -> list[tuple]:
+    """(launch index, the kernel as a dict) for the launches i with i % jobs == share."""
+    launches = [(section, launch) for section in sections for launch in LAUNCHES[section]()]
     kernels = []
     with TritonCompiler(arch) as compiler:
-        for section in sections:
-            for launch in LAUNCHES[section]():
-                by_name = launch.by_name_only()
+        for i, (section, launch) in enumerate(launches):
+            if i % jobs != share:
+                continue
+            by_name = launch.by_name_only()
+            if by_name:
+                launch.config["by_name_only"] = by_name
+            try:
+                launch.run()
+            except Exception as e:  # a compile error is a finding, not a crash
+                text = str(e).strip().splitlines()
+                k = Kernel("triton", section, launch.config)
+                k.problems.append(f"does not compile: {text[-1] if text else repr(e)}")
+                kernels.append((i, asdict(k)))
+                continue
+            for name, compiled in compiler.take():
+                k = describe_triton(name, compiled, launch.config, arch)
                 if by_name:
-                    launch.config["by_name_only"] = by_name
-                try:
-                    launch.run()
-                except Exception as e:  # a compile error is a finding, not a crash
-                    text = str(e).strip().splitlines()
-                    k = Kernel("triton", section, launch.config)
-                    k.problems.append(f"does not compile: {text[-1] if text else repr(e)}")
-                    kernels.append(k)
-                    continue
-                for name, compiled in compiler.take():
-                    k = describe_triton(name, compiled, launch.config, arch)
-                    if by_name:
-                        k.notes += [p for p in k.problems if p.startswith("spills")]
-                        k.problems = [p for p in k.problems if not p.startswith("spills")]
-                    kernels.append(k)
+                    k.notes += [p for p in k.problems if p.startswith("spills")]
+                    k.problems = [p for p in k.problems if not p.startswith("spills")]
+                kernels.append((i, asdict(k)))
     return kernels
 
 
@@ -469,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write every kernel's figures here")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--no-cuda", action="store_true", help="skip fastdiff._C's CUDA kernels")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes compiling Triton kernels (default: the CPUs, at most 8)",
+    )
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_kernels.py: unset TRITON_INTERPRET (kernels must be compiled)")
@@ -477,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         raise SystemExit("compile_kernels.py needs triton (pip install triton)") from None
     started = time.perf_counter()
-    kernels = compile_triton(args.arch, args.only)
+    kernels = compile_triton(args.arch, args.only, args.jobs)
     if not args.no_cuda:
         kernels += cuda_kernels(args.arch)
     print(table(kernels))
