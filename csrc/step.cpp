@@ -334,23 +334,6 @@ FASTDIFF_CLONES void update_span(const Pointers<T>& p, const Row& r, int64_t i0,
 }
 
 #ifdef FASTDIFF_F16C
-// n <= 8 fp16 values from p in fp32 lanes (a tail goes through a zeroed buffer)
-__attribute__((target("avx,f16c"))) inline __m256 load_half8(const c10::Half* p, int64_t n) {
-  if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  alignas(16) uint16_t b[8] = {};
-  std::memcpy(b, p, n * sizeof(uint16_t));
-  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
-}
-
-// the first n <= 8 lanes of v rounded to fp16 (to nearest even, as c10::Half) into p
-__attribute__((target("avx,f16c"))) inline void store_half8(c10::Half* p, __m256 v, int64_t n) {
-  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-  if (n == 8) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-  alignas(16) uint16_t b[8];
-  _mm_store_si128(reinterpret_cast<__m128i*>(b), h);
-  std::memcpy(p, b, n * sizeof(uint16_t));
-}
-
 // update_span of an fp16 state on a CPU with F16C, 8 elements at a time converted in registers
 // (vcvtph2ps / vcvtps2ph) around the fp32 update. c10::Half's scalar conversions are bit
 // manipulation that does not vectorise; converting a whole tile into fp32 rows first spills the

@@ -18,6 +18,7 @@ suite checks none of these.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -369,7 +370,7 @@ def compile_triton(arch: int, sections: list[str], jobs: int = 1) -> list[Kernel
 
     # spawned, not forked: a fork would inherit the parent's OpenMP and Triton state
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        shares = pool.map(_compile_share, *zip(*[(arch, sections, w, jobs) for w in range(jobs)]))
+        shares = pool.map(functools.partial(_compile_share, arch, sections, jobs=jobs), range(jobs))
         found = sorted((pair for share in shares for pair in share), key=lambda p: p[0])
     return [Kernel(**d) for _, d in found]
 

@@ -28,7 +28,7 @@ CASES = {
     "3x5x7x11": ((3, 5, 7, 11), False, True, (-1.5, 1.0)),
     "3x5x7x11-cl": ((3, 5, 7, 11), True, True, None),
     "2x3x5x3-cl-clamp": ((2, 3, 5, 3), True, False, (-0.5, 0.5)),
-    # 32 positions: a Triton row (4 or 8 elements) never crosses a channel (ROW_IN_CHANNEL)
+    # 32 positions: a Triton row (4 or 8 elements) never crosses a channel
     "2x3x4x8-cl": ((2, 3, 4, 8), True, True, None),
 }
 
