@@ -4,10 +4,13 @@
 // fp16 GroupNorm+SiLU kernel 3x slower than torch's. Everything else converts elementwise.
 #pragma once
 
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -17,9 +20,27 @@
 
 namespace fastdiff {
 
+// Whether the CPU kernels may take their x86 intrinsics paths (F16C conversions, the AVX2
+// Philox) where the CPU has the instructions. FASTDIFF_CPU_KERNELS=portable makes them run the
+// portable loops that every other CPU (aarch64, x86 without AVX2) runs, e.g. to test those
+// loops; they give the same bits. Read once: each op's entry calls it first, so that a bad
+// value is reported there (an exception must not leave an OpenMP region).
+inline bool cpu_intrinsics_allowed() {
+  static const bool yes = [] {
+    const char* v = std::getenv("FASTDIFF_CPU_KERNELS");
+    const std::string choice = v ? v : "";
+    TORCH_CHECK(choice.empty() || choice == "portable",
+                "FASTDIFF_CPU_KERNELS must be unset or \"portable\" (the portable loops instead "
+                "of the F16C and AVX2 paths), got \"", choice, "\"");
+    return choice.empty();
+  }();
+  return yes;
+}
+
 #ifdef FASTDIFF_F16C
 inline bool has_f16c() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("f16c"));
+  static const bool yes =
+      (__builtin_cpu_init(), __builtin_cpu_supports("f16c")) && cpu_intrinsics_allowed();
   return yes;
 }
 

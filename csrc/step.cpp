@@ -216,13 +216,10 @@ __attribute__((target("avx2"))) void chunk_words_avx2(uint32_t (*w)[kChunk], uin
   }
 }
 
-// Whether to take chunk_words_avx2: the CPU has AVX2, and FASTDIFF_CPU_PHILOX is not
-// "portable" (which forces the portable loop, e.g. to test it). Decided once.
+// Whether to take chunk_words_avx2: the CPU has AVX2 and FASTDIFF_CPU_KERNELS is not
+// "portable" (cpu_convert.h). Decided once.
 bool philox_avx2() {
-  static const bool use = [] {
-    const char* choice = std::getenv("FASTDIFF_CPU_PHILOX");
-    return __builtin_cpu_supports("avx2") && !(choice && std::strcmp(choice, "portable") == 0);
-  }();
+  static const bool use = __builtin_cpu_supports("avx2") && cpu_intrinsics_allowed();
   return use;
 }
 #endif
@@ -470,6 +467,7 @@ at::Tensor step_cpu(const at::Tensor& x, const at::Tensor& y,
   Problem pr = check_step_inputs(x, y, y_uncond, h0, h1, table, counter, sample_offset, guidance,
                                  clamp, stochastic, nonfinite);
   TORCH_CHECK(x.device().is_cpu(), "fastdiff::step: the CPU kernel got a tensor on ", x.device());
+  (void)cpu_intrinsics_allowed();
   const int64_t row_index = *counter.const_data_ptr<int64_t>();
   TORCH_CHECK(row_index >= 0 && row_index < table.size(0), "fastdiff::step: counter is ",
               row_index, " but the table has ", table.size(0), " rows");
@@ -509,6 +507,7 @@ void gaussian_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t sam
   const Problem pr = check_gaussian_inputs(out, step, sample_offset);
   TORCH_CHECK(out.device().is_cpu(), "fastdiff::gaussian_: the CPU kernel got a tensor on ",
               out.device());
+  (void)cpu_intrinsics_allowed();
   if (out.numel() == 0) return;
   const auto scale_f = static_cast<float>(scale);
   FASTDIFF_DISPATCH_FLOAT(out.scalar_type(), "fastdiff::gaussian_", [&] {

@@ -1,11 +1,9 @@
 """fastdiff.ops.noise.gaussian_ (the noise alone: a sample's x_T) on every backend available here
 against the specification of fastdiff/noise.py: odd sizes, NCHW and channels_last, fp32/fp16/
 bf16, scaled; the same values as the step op's in-kernel noise; batch invariance; opcheck;
-errors; and fastdiff.sample drawing x_T with it."""
+errors; and fastdiff.sample drawing x_T with it. The portable CPU loop: test_cpu_portable.py."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -243,29 +241,3 @@ def test_a_seeded_sample_starts_from_the_kernels_x_T(backend, sampler):
     x_T = gaussian_(torch.empty(2, 3, 5, 7, device=device), 5, 0, sample_offset=2, backend=backend)
     assert torch.equal(fastdiff.sample(model, noise=x_T, **kw), seeded)
     assert not torch.equal(fastdiff.sample(model, noise=x_T.roll(1, -1), **kw), seeded)
-
-
-PORTABLE = """
-import sys, torch
-from fastdiff.ops.noise import gaussian_
-out = torch.empty(3, 5, 7, 11 * 67)  # several chunks of 64 Philox blocks per sample, a partial one
-gaussian_(out, 2**64 - 5, 2**32 - 2, sample_offset=2**32 - 7, backend="cpu")
-torch.save(out, sys.argv[1])
-"""
-
-
-def test_cpu_philox_paths_agree(tmp_path):
-    """The CPU kernel's AVX2 Philox (taken where the CPU has AVX2) and its portable loop (every
-    other CPU; FASTDIFF_CPU_PHILOX=portable forces it) give the same noise, bit for bit."""
-    require("cpu")
-    results = []
-    for choice in ("", "portable"):
-        env = {k: v for k, v in os.environ.items() if k != "FASTDIFF_CPU_PHILOX"}
-        if choice:
-            env["FASTDIFF_CPU_PHILOX"] = choice
-        path = tmp_path / f"z{choice}.pt"
-        subprocess.run([sys.executable, "-c", PORTABLE, path], check=True, env=env, timeout=300)
-        results.append(torch.load(path))
-    assert torch.equal(results[0], results[1])
-    ref = noise.randn_like_batch(2**64 - 5, 2**32 - 2, results[0].shape, sample_offset=2**32 - 7)
-    torch.testing.assert_close(results[0], ref, atol=NOISE_ATOL, rtol=2.5e-7)
