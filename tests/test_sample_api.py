@@ -85,6 +85,36 @@ def test_bad_input_names_the_argument(kwargs, error, match, toy_model):
         fastdiff.sample(toy_model, (1, 1, 3, 3), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(shape=(4,)), ValueError, r"shape must be \(B, ...\) with no zero dimension"),
+        (dict(shape=(1, 0, 3)), ValueError, r"no zero dimension, got \(1, 0, 3\)"),
+        (dict(noise=torch.zeros(3)), ValueError, r"noise must be batched \(B, ...\)"),
+        (dict(dtype=torch.int32), TypeError, "dtype must be a floating point dtype"),
+        (
+            dict(guidance_scale=2.0, cond={"c": torch.zeros(2)}, uncond={"d": torch.zeros(2)}),
+            ValueError,
+            r"cond and uncond must have the same keys, got \['c'\] and \['d'\]",
+        ),
+        (
+            dict(cond={"c": torch.zeros(3, 4)}),
+            ValueError,
+            r"cond\['c'\] has shape \(3, 4\); its first dimension must be the batch size 2 or 1",
+        ),
+    ],
+)
+def test_bad_shapes_and_conditioning_are_named(kwargs, error, match):
+    kwargs = {"shape": (2, 1, 3, 3), **kwargs} if "noise" not in kwargs else kwargs
+    with pytest.raises(error, match=match):
+        fastdiff.sample(lambda x, t, **cond: x, steps=2, schedule=SD, **kwargs)
+
+
+def test_model_returning_no_tensor_is_reported():
+    with pytest.raises(TypeError, match="model returned str at step 0; expected a tensor"):
+        fastdiff.sample(lambda x, t: "image", (1, 1, 3, 3), steps=2, schedule=SD)
+
+
 def test_missing_shape_and_noise(toy_model):
     with pytest.raises(ValueError, match="give either shape"):
         fastdiff.sample(toy_model)

@@ -102,6 +102,35 @@ def test_resume_is_exact(tmp_path):
     assert not all(torch.equal(s3[k], load_file(str(a / checkpoints.MODEL))[k]) for k in s3)
 
 
+def test_invalid_config_lists_every_problem(tmp_path):
+    bad = dict(
+        steps=0, warmup=-1, preset="huge", prediction="score", schedule="quadratic",
+        precision="fp8", sampler="plms", lr=0.0, ema_decay=1.0, grad_clip=0.0, min_snr_gamma=-5.0,
+    )  # fmt: skip
+    cfg = tiny(tmp_path, **bad)
+    expected = [
+        "steps must be >= 1, got 0",
+        "warmup must be >= 0, got -1",
+        "unknown preset 'huge'; presets: [",
+        "unknown prediction 'score'",
+        "unknown schedule 'quadratic'; valid: [",
+        "unknown precision 'fp8'; valid: [",
+        "unknown sampler 'plms'; valid: [",
+        "lr must be > 0, got 0.0",
+        "ema_decay must be in [0, 1), got 1.0",
+        "grad_clip must be > 0 (or None for no clipping), got 0.0",
+        "min_snr_gamma must be > 0, got -5.0",
+    ]
+    problems = cfg.problems()
+    assert len(problems) == len(expected)
+    for problem, start in zip(problems, expected):
+        assert problem.startswith(start), (problem, start)
+    assert tiny(tmp_path).problems() == []
+    with pytest.raises(ValueError, match="invalid training config: steps must be >= 1") as e:
+        train.train(cfg, progress=False)
+    assert "min_snr_gamma" in str(e.value) and not (tmp_path / "checkpoints").exists()
+
+
 def test_resume_refuses_to_change_the_run(tmp_path):
     train.train(tiny(tmp_path, steps=1), progress=False)
     with pytest.raises(ValueError, match="cannot change lr"):
