@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -90,10 +91,23 @@ FASTDIFF_VECTOR_CLONES void accumulate(float* acc, const float* v, int64_t n) {
   for (int64_t k = 0; k < n; ++k) acc[k] += v[k];
 }
 
-FASTDIFF_VECTOR_CLONES void accumulate_centred_sq(float* acc, const float* v, const float* mean,
-                                                  int64_t n) {
+// the channels_last statistics, four rows of positions per pass over acc (one read and write
+// of acc per four rows): acc += v0 + v1 + v2 + v3, and acc += the rows' squares about mean
+FASTDIFF_VECTOR_CLONES void accumulate4(float* acc, const float* v0, const float* v1,
+                                        const float* v2, const float* v3, int64_t n) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) acc[k] += (v[k] - mean[k]) * (v[k] - mean[k]);
+  for (int64_t k = 0; k < n; ++k) acc[k] += (v0[k] + v1[k]) + (v2[k] + v3[k]);
+}
+
+FASTDIFF_VECTOR_CLONES void accumulate_centred_sq4(float* acc, const float* v0, const float* v1,
+                                                   const float* v2, const float* v3,
+                                                   const float* mean, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float d0 = v0[k] - mean[k], d1 = v1[k] - mean[k], d2 = v2[k] - mean[k],
+                d3 = v3[k] - mean[k];
+    acc[k] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+  }
 }
 
 // sum over `rows` consecutive rows of n of (v - centre[row])^2: fp32 sums of at most kChunk
@@ -244,7 +258,7 @@ void channels_last_kernel(const GroupNormSiluArgs& a, const scalar_t* x, const s
 #pragma omp parallel if (a.batch > 1 && a.x.numel() >= 32768)
   {
     std::vector<float> buffer(in_place ? 0 : P * C), out_row(is_float ? 0 : C), r(C, 0.f),
-        acc(C), block_mean(nblocks * C), centre(C), scale(C), shift(C);
+        acc(C), block_mean(nblocks * C), centre(C), scale(C), shift(C), zeros(C, 0.f);
     std::vector<double> total(C), m2(C);
     // row s of batch b in fp32: x itself, or its conversion (+ residual) in buffer row `slot`
     const auto row = [&](int64_t b, int64_t s, int64_t slot) -> const float* {
@@ -266,16 +280,29 @@ void channels_last_kernel(const GroupNormSiluArgs& a, const scalar_t* x, const s
       for (int64_t j = 0; j < nblocks; ++j) {
         const int64_t s0 = j * P, m = std::min(P, S - s0);
         float* mu = block_mean.data() + j * C;
+        // rows s .. s + 3 of the block; past its end `pad`, which adds nothing (zeros to the
+        // sums, the mean to the squares). `loaded`: converted rows are in the buffer already
+        const auto rows4 = [&](int64_t s, const float* pad, bool loaded) {
+          std::array<const float*, 4> v;
+          for (int64_t q = 0; q < 4; ++q) {
+            const int64_t t = s + q;
+            v[q] = t >= m ? pad : loaded && !in_place ? buffer.data() + t * C : row(b, s0 + t, t);
+          }
+          return v;
+        };
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t s = 0; s < m; ++s) accumulate(acc.data(), row(b, s0 + s, s), C);
+        for (int64_t s = 0; s < m; s += 4) {
+          const auto v = rows4(s, zeros.data(), false);
+          accumulate4(acc.data(), v[0], v[1], v[2], v[3], C);
+        }
         for (int64_t c = 0; c < C; ++c) {
           total[c] += acc[c];
           mu[c] = acc[c] / static_cast<float>(m);
         }
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t s = 0; s < m; ++s) {
-          const float* h = in_place ? row(b, s0 + s, s) : buffer.data() + s * C;
-          accumulate_centred_sq(acc.data(), h, mu, C);
+        for (int64_t s = 0; s < m; s += 4) {
+          const auto v = rows4(s, mu, true);
+          accumulate_centred_sq4(acc.data(), v[0], v[1], v[2], v[3], mu, C);
         }
         for (int64_t c = 0; c < C; ++c) {
           m2[c] += acc[c];
