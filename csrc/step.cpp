@@ -144,6 +144,13 @@ Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
                 nonfinite->device());
   }
 
+  if (!stochastic) {
+    // without noise the update is elementwise in any order: the state, channels_last or not,
+    // runs as the one flat array it is in memory (the CUDA kernel's vector path)
+    p.positions = p.batch * p.per_sample();
+    p.batch = 1;
+    p.channels = 1;
+  }
   p.guided = y_uncond.has_value();
   p.has_h0 = h0.has_value();
   p.has_h1 = h1.has_value();

@@ -116,7 +116,8 @@ FASTDIFF_HD float update(const Row& r, float x, float y, float yu, float h0, flo
 
 // The memory layout of a step call: (batch, positions, channels) in memory, logical element
 // e = c * positions + p within a sample (contiguous: channels = 1; channels_last: positions =
-// H * W). The noise of element e of sample b is z(seed, counter + 1, sample_offset + b, e).
+// H * W; a step without noise, whose element order does not matter: one flat sample). The noise
+// of element e of sample b is z(seed, counter + 1, sample_offset + b, e).
 struct Problem {
   int64_t batch = 0, positions = 0, channels = 1;
   bool guided = false, has_h0 = false, has_h1 = false;

@@ -4,7 +4,10 @@
 //
 // Contiguous states whose per-sample size is a multiple of the vector width take the vector
 // path: each thread handles 16 bytes of every operand per iteration of a grid-stride loop
-// (4 fp32 = 1 Philox block, 8 fp16/bf16 = 2 blocks). Otherwise (channels_last, odd sizes) a
+// (4 fp32 = 1 Philox block, 8 fp16/bf16 = 2 blocks); so does a step without noise on a
+// channels_last state (check_step_inputs describes it as one flat sample). channels_last with
+// noise and 2^k channels takes the tile kernel: 16-byte accesses too, the noise transposed
+// through shared memory. Otherwise (other channels_last states with noise, odd sizes) a
 // thread handles one Philox block of 4 logical elements with scalar loads.
 // Bytes per element: (2 + guided + histories read + 1 + histories written) * sizeof(T); e.g.
 // DDIM in fp32 moves 12 B/element, DPM-Solver++(2M) 20 B/element.
@@ -105,6 +108,36 @@ __device__ __forceinline__ void store(T* p, int64_t i, const Pack<T>& v) {
   *reinterpret_cast<Pack<T>*>(p + i) = v;
 }
 
+// The update of the V elements at memory [i, i + V) (16-byte aligned) with noise z[0 .. V);
+// returns whether one of x_next's is not finite.
+template <typename T>
+__device__ __forceinline__ bool apply_pack(const Args<T>& a, const Row& r, int64_t i,
+                                           const float (&z)[Pack<T>::kSize]) {
+  constexpr int V = Pack<T>::kSize;
+  const Pack<T> x = load(a.x, i), y = load(a.y, i);
+  Pack<T> yu{}, h0{}, h1{}, out;
+  if (a.guided) yu = load(a.yu, i);
+  if (a.has_h0) h0 = load(a.h0, i);
+  if (a.has_h1) h1 = load(a.h1, i);
+  bool bad = false;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    float nh0, nh1;
+    const float xn = update(r, static_cast<float>(x.v[k]), static_cast<float>(y.v[k]),
+                            static_cast<float>(yu.v[k]), static_cast<float>(h0.v[k]),
+                            static_cast<float>(h1.v[k]), z[k], nh0, nh1, a.guided, a.has_h0,
+                            a.has_h1);
+    out.v[k] = static_cast<T>(xn);
+    h0.v[k] = static_cast<T>(nh0);
+    h1.v[k] = static_cast<T>(nh1);
+    bad |= nonfinite_bits(out.v[k]);
+  }
+  store(a.out, i, out);
+  if (a.has_h0 && r.w[0]) store(a.h0, i, h0);
+  if (a.has_h1 && r.w[1]) store(a.h1, i, h1);
+  return bad;
+}
+
 // Contiguous, per-sample size a multiple of V, every pointer 16-byte aligned.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) step_vector_kernel(const Args<T> a) {
@@ -132,26 +165,52 @@ __global__ void __launch_bounds__(kThreads) step_vector_kernel(const Args<T> a) 
       z[4 * q + 2] = n.z;
       z[4 * q + 3] = n.w;
     }
-    const Pack<T> x = load(a.x, i), y = load(a.y, i);
-    Pack<T> yu{}, h0{}, h1{}, out;
-    if (a.guided) yu = load(a.yu, i);
-    if (a.has_h0) h0 = load(a.h0, i);
-    if (a.has_h1) h1 = load(a.h1, i);
+    bad |= apply_pack(a, r, i, z);
+  }
+  flag(a, s, bad);
+}
+
+// channels_last with noise, C = 2^k channels (C <= kTile / 4), P % 4 == 0, every pointer
+// 16-byte aligned. A tile is kTile / C whole positions of one sample (kTile elements, one Pack
+// per thread): a contiguous range of memory. The block draws the tile's noise per channel along
+// logical e = c P + p (Philox blocks of 4 positions; P and the tile's first position are
+// multiples of 4), stores it transposed into shared memory in memory order (p C + c), then each
+// thread updates its 16 bytes of every operand. Grid-stride over tiles.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) step_tile_kernel(const Args<T> a) {
+  constexpr int V = Pack<T>::kSize;
+  constexpr int kTile = kThreads * V;
+  __shared__ float tile_z[kTile];
+  uint32_t s;
+  const Row r = device_row(a, s);
+  const bool noise = r.z != 0.0f;  // uniform: the barriers below are reached by every thread
+  const int64_t P = a.positions, C = a.channels, per_sample = P * C;
+  const int64_t tp = kTile / C;  // positions per tile, a multiple of 4
+  const int64_t tiles_per_sample = (P + tp - 1) / tp, tiles = a.batch * tiles_per_sample;
+  const int m = threadIdx.x * V;  // this thread's first element within a tile (memory order)
+  bool bad = false;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t b = t / tiles_per_sample, p0 = (t - b * tiles_per_sample) * tp;
+    float z[V] = {};
+    if (noise) {
+      // Philox block q of the tile: channel q % C (neighbouring threads, neighbouring words
+      // of shared memory), positions p0 + 4 (q / C) .. + 3
+      for (int q = threadIdx.x; q < kTile / 4; q += kThreads) {
+        const int64_t c = q % C, p = 4 * (q / C);
+        const int64_t block = c * (P / 4) + (p0 + p) / 4;
+        const float4 n = philox::normals(philox::block_words(
+            a.seed, static_cast<uint32_t>(block), static_cast<uint32_t>(a.sample_offset + b), s));
+        tile_z[(p + 0) * C + c] = n.x;
+        tile_z[(p + 1) * C + c] = n.y;
+        tile_z[(p + 2) * C + c] = n.z;
+        tile_z[(p + 3) * C + c] = n.w;
+      }
+      __syncthreads();
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      float nh0, nh1;
-      const float xn = update(r, static_cast<float>(x.v[k]), static_cast<float>(y.v[k]),
-                              static_cast<float>(yu.v[k]), static_cast<float>(h0.v[k]),
-                              static_cast<float>(h1.v[k]), z[k], nh0, nh1, a.guided, a.has_h0,
-                              a.has_h1);
-      out.v[k] = static_cast<T>(xn);
-      h0.v[k] = static_cast<T>(nh0);
-      h1.v[k] = static_cast<T>(nh1);
-      bad |= nonfinite_bits(out.v[k]);
+      for (int k = 0; k < V; ++k) z[k] = tile_z[m + k];
+      __syncthreads();  // every thread has its noise: the next tile may overwrite tile_z
     }
-    store(a.out, i, out);
-    if (a.has_h0 && r.w[0]) store(a.h0, i, h0);
-    if (a.has_h1 && r.w[1]) store(a.h1, i, h1);
+    if (p0 * C + m < per_sample) bad |= apply_pack(a, r, (b * P + p0) * C + m, z);
   }
   flag(a, s, bad);
 }
@@ -296,17 +355,24 @@ at::Tensor step_cuda(const at::Tensor& x, const at::Tensor& y,
     a.batch = pr.batch;
     a.positions = pr.positions;
     a.channels = pr.channels;
-    constexpr int V = Pack<T>::kSize;
-    const bool vector = pr.channels == 1 && pr.positions % V == 0 && aligned16(a.x) &&
-                        aligned16(a.y) && aligned16(a.yu) && aligned16(a.h0) &&
-                        aligned16(a.h1) && aligned16(a.out);
-    const int64_t units =
-        vector ? pr.batch * pr.positions / V : pr.batch * ((pr.per_sample() + 3) / 4);
-    const int blocks = grid_size(units, vector ? resident_blocks<step_vector_kernel<T>>()
-                                               : resident_blocks<step_block_kernel<T>>());
+    constexpr int V = Pack<T>::kSize, kTile = kThreads * V;
+    const bool aligned = aligned16(a.x) && aligned16(a.y) && aligned16(a.yu) &&
+                         aligned16(a.h0) && aligned16(a.h1) && aligned16(a.out);
+    const int64_t C = pr.channels;
+    const bool vector = C == 1 && pr.positions % V == 0 && aligned;
+    const bool tiled =
+        C > 1 && (C & (C - 1)) == 0 && C <= kTile / 4 && pr.positions % 4 == 0 && aligned;
     if (vector) {
+      const int blocks =
+          grid_size(pr.batch * pr.positions / V, resident_blocks<step_vector_kernel<T>>());
       step_vector_kernel<T><<<blocks, kThreads, 0, stream>>>(a);
+    } else if (tiled) {  // one block per tile of kTile / C positions
+      const int64_t tiles = pr.batch * ((pr.positions + kTile / C - 1) / (kTile / C));
+      const int blocks = grid_size(tiles * kThreads, resident_blocks<step_tile_kernel<T>>());
+      step_tile_kernel<T><<<blocks, kThreads, 0, stream>>>(a);
     } else {
+      const int blocks = grid_size(pr.batch * ((pr.per_sample() + 3) / 4),
+                                   resident_blocks<step_block_kernel<T>>());
       step_block_kernel<T><<<blocks, kThreads, 0, stream>>>(a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

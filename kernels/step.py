@@ -12,10 +12,14 @@ log/sin/cos and sqrt_rn, as fastdiff/noise.py specifies) land on its four consec
 elements. The tile is (BLOCK // VEC, VEC), VEC = 16 bytes of the state's dtype (4 fp32, 8
 fp16/bf16; a row is VEC // 4 Philox blocks), so contiguous states load and store 16 bytes per
 access (scripts/compile_kernels.py shows the LDG.E.128). channels_last states map logical
-e = c * HW + p to memory p * C + c. Traffic: the reference makes ~12 passes over the state; this
-kernel reads x, y (, y_u, h0, h1) and writes x_next (, h) once: 12 B/element for DDIM in fp32,
-20 for DPM-Solver++(2M). _gaussian_kernel is the same tiling and noise alone (a sample's x_T):
-out = z * scale, written once.
+e = c * HW + p to memory p * C + c: without noise the order does not matter and the state runs
+as the flat array it is; with noise, for 2^k channels and HW a multiple of VEC, a program takes
+BLOCK // C positions of all channels (a contiguous range of memory, 16-byte accesses again) and
+transposes the noise, drawn per channel along logical e, into that order (TRANSPOSE); otherwise
+it takes BLOCK logical elements, each loaded from its own address (GATHER). Traffic: the
+reference makes ~12 passes over the state; this kernel reads x, y (, y_u, h0, h1) and writes
+x_next (, h) once: 12 B/element for DDIM in fp32, 20 for DPM-Solver++(2M). _gaussian_kernel is
+the same tiling and noise alone (a sample's x_T): out = z * scale, written once.
 """
 
 import os
@@ -36,6 +40,11 @@ A, B = tl.constexpr(int(Col.A)), tl.constexpr(int(Col.B))
 X_X, X_Z = tl.constexpr(int(Col.X_X)), tl.constexpr(int(Col.X_Z))
 H0_X, H1_X = tl.constexpr(int(Col.H0_X)), tl.constexpr(int(Col.H1_X))
 W0, W1 = tl.constexpr(int(Col.W0)), tl.constexpr(int(Col.W1))
+# _tile's layouts. MEMORY: rows along memory, which is logical order (NCHW, or a step without
+# noise, where order does not matter). GATHER (channels_last): rows along logical e, each element
+# loaded from its own address. TRANSPOSE (channels_last): rows along memory, the noise drawn in
+# logical order and transposed into the tile.
+MEMORY, GATHER, TRANSPOSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -103,20 +112,42 @@ def _combo(row_ptr, col: tl.constexpr, x, d, h0, h1, HAS_H0: tl.constexpr, HAS_H
 
 
 @triton.jit
-def _tile(blocks_per_sample, per_sample, positions, channels, CHANNELS_LAST: tl.constexpr,
+def _tile(blocks_per_sample, per_sample, positions, channels, LAYOUT: tl.constexpr,
           BLOCK: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
-    """This program's BLOCK logical elements of sample b, as (BLOCK // VEC, VEC): the rows of
-    VEC elements, their memory offsets and their mask."""
+    """This program's BLOCK elements of sample b, as (BLOCK // VEC, VEC): the program's index j
+    within the sample, the rows' indices (rows of VEC elements), their memory offsets and their
+    mask. The rows run along memory, except for GATHER, where they run along logical e."""
     pid = tl.program_id(0)
     b = pid // blocks_per_sample
-    rows = (pid % blocks_per_sample).to(tl.int64) * (BLOCK // VEC) + tl.arange(0, BLOCK // VEC)
+    j = (pid % blocks_per_sample).to(tl.int64)
+    rows = j * (BLOCK // VEC) + tl.arange(0, BLOCK // VEC)
     e = VEC * rows[:, None] + tl.arange(0, VEC)[None, :]
     mask = e < per_sample
-    if CHANNELS_LAST:
+    if LAYOUT == GATHER:
         off = (e % positions) * channels + e // positions
     else:
         off = e
-    return b, rows, off + b.to(tl.int64) * per_sample, mask
+    return b, j, rows, off + b.to(tl.int64) * per_sample, mask
+
+
+@triton.jit
+def _tile_normals(seed, j, rows, positions, n, s, LAYOUT: tl.constexpr, BLOCK: tl.constexpr,
+                  VEC: tl.constexpr, CHANNELS: tl.constexpr):  # fmt: skip
+    """The noise of _tile's elements, in the tile's (BLOCK // VEC, VEC) order. A TRANSPOSE tile
+    holds positions [j PB, (j + 1) PB) of all CHANNELS channels (PB = BLOCK // CHANNELS, a
+    multiple of VEC, as is P): channel c's PB logical elements start at c P + j PB, a row
+    boundary. Their normals are drawn as (CHANNELS, PB), rows along positions, and transposed
+    to memory order (through shared memory, compiled)."""
+    if LAYOUT == TRANSPOSE:
+        PB: tl.constexpr = BLOCK // CHANNELS
+        k = tl.arange(0, BLOCK // VEC)
+        c = k // (PB // VEC)
+        logical = c * (positions // VEC) + j * (PB // VEC) + (k - c * (PB // VEC))
+        z = tl.reshape(_normals(seed, logical, n, s, VEC), (CHANNELS, PB))
+        z = tl.reshape(tl.trans(z), (BLOCK // VEC, VEC))
+    else:
+        z = _normals(seed, rows, n, s, VEC)
+    return z
 
 
 @triton.jit(do_not_specialize=["seed", "sample_offset"])
@@ -124,11 +155,11 @@ def _step_kernel(
     x_ptr, y_ptr, yu_ptr, h0_ptr, h1_ptr, out_ptr, table_ptr, counter_ptr, nonfinite_ptr,
     seed, sample_offset, guidance, lo, hi, blocks_per_sample, per_sample, positions, channels,
     GUIDED: tl.constexpr, HAS_H0: tl.constexpr, HAS_H1: tl.constexpr, CLAMP: tl.constexpr,
-    NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
-    FLAG: tl.constexpr,
+    NOISE: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+    CHANNELS: tl.constexpr, FLAG: tl.constexpr,
 ):  # fmt: skip
-    b, rows, off, mask = _tile(
-        blocks_per_sample, per_sample, positions, channels, CHANNELS_LAST, BLOCK, VEC
+    b, j, rows, off, mask = _tile(
+        blocks_per_sample, per_sample, positions, channels, LAYOUT, BLOCK, VEC
     )
     r = tl.load(counter_ptr)
     row = table_ptr + r * NCOEF
@@ -146,7 +177,9 @@ def _step_kernel(
 
     x_next = _combo(row, X_X, x, d, h0, h1, HAS_H0, HAS_H1)
     if NOISE:
-        z = _normals(seed, rows, sample_offset + b, r + 1, VEC)
+        z = _tile_normals(
+            seed, j, rows, positions, sample_offset + b, r + 1, LAYOUT, BLOCK, VEC, CHANNELS
+        )
         x_next = x_next + _coef(row, X_Z) * z
     out = x_next.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + off, out, mask=mask)
@@ -190,7 +223,9 @@ def step(
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    grid, layout = _layout(x, block)
+    # without noise the update is elementwise in any order: the state runs as the flat array it
+    # is in memory, channels_last or not (16-byte accesses either way)
+    grid, layout = _layout(x, block, flat=not stochastic)
     lo, hi = clamp if clamp is not None else (0.0, 0.0)
     _step_kernel[grid](
         x, y, x if y_uncond is None else y_uncond, x if h0 is None else h0,
@@ -208,12 +243,13 @@ def step(
 @triton.jit(do_not_specialize=["seed", "step", "sample_offset"])
 def _gaussian_kernel(
     out_ptr, seed, step, sample_offset, scale, blocks_per_sample, per_sample, positions, channels,
-    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+    LAYOUT: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, CHANNELS: tl.constexpr,
 ):  # fmt: skip
-    b, rows, off, mask = _tile(
-        blocks_per_sample, per_sample, positions, channels, CHANNELS_LAST, BLOCK, VEC
+    b, j, rows, off, mask = _tile(
+        blocks_per_sample, per_sample, positions, channels, LAYOUT, BLOCK, VEC
     )
-    z = _normals(seed, rows, sample_offset + b, step, VEC) * scale
+    z = _tile_normals(seed, j, rows, positions, sample_offset + b, step, LAYOUT, BLOCK, VEC,
+                      CHANNELS) * scale  # fmt: skip
     tl.store(out_ptr + off, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -240,21 +276,34 @@ def gaussian_(
     return out
 
 
-def _layout(x: torch.Tensor, block: int | None) -> tuple[tuple[int], dict]:
+def _layout(x: torch.Tensor, block: int | None, flat: bool = False) -> tuple[tuple[int], dict]:
     """The grid and the layout arguments of _tile for a dense state x: one program per BLOCK
-    logical elements of a sample."""
-    batch = x.shape[0]
-    if x.is_contiguous():
-        positions, channels, channels_last = x.numel() // batch, 1, False
+    elements of a sample; `flat`: x as one sample of its elements in memory order."""
+    batch, vec = x.shape[0], 16 // x.element_size()
+    layout, channels = MEMORY, 1
+    if flat:
+        batch, positions = 1, x.numel()
+    elif x.is_contiguous():
+        positions = x.numel() // batch
     else:
-        positions, channels, channels_last = x.shape[2] * x.shape[3], x.shape[1], True
-    per_sample, vec = positions * channels, 16 // x.element_size()
+        positions, channels = x.shape[2] * x.shape[3], x.shape[1]
+        # a tile in memory order whose noise is transposed into it: every channel's run of
+        # logical elements must start on a row of VEC (P a multiple of VEC) and the tile hold
+        # whole rows of every channel (C a power of two, C * VEC <= BLOCK)
+        tile = block or (4096 if _INTERPRETED else 1024)
+        pow2 = channels & (channels - 1) == 0
+        layout = (
+            TRANSPOSE if pow2 and positions % vec == 0 and tile % (channels * vec) == 0 else GATHER
+        )
     # interpreted, a program costs the same whatever its size: fewer, bigger ones. Compiled,
-    # a channels_last program loads and stores element by element, each with its own address:
-    # one 16-byte row per thread of 4 warps there (two fp32 rows took up to 150 registers).
-    block = block or (4096 if _INTERPRETED else 4 * 32 * vec if channels_last else 1024)
+    # a GATHER program loads and stores element by element, each with its own address: one
+    # 16-byte row per thread of 4 warps there (two fp32 rows took up to 150 registers).
+    block = block or (4096 if _INTERPRETED else 4 * 32 * vec if layout == GATHER else 1024)
+    per_sample = positions * channels
     blocks_per_sample = triton.cdiv(per_sample, block)
     return (batch * blocks_per_sample,), {
         "sizes": (blocks_per_sample, per_sample, positions, channels),
-        "constexprs": dict(CHANNELS_LAST=channels_last, BLOCK=block, VEC=vec),
+        "constexprs": dict(
+            LAYOUT=layout, BLOCK=block, VEC=vec, CHANNELS=channels if layout == TRANSPOSE else 1
+        ),
     }

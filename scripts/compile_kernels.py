@@ -255,11 +255,16 @@ class Launch:
 
 def step_launches() -> Iterator[Launch]:
     """Every distinct (history, noise) kind of sampler, in each dtype: plain NCHW; guided and
-    clamped channels_last; and (fp16) an odd size that defeats vector alignment. Then the noise
-    kernel (gaussian_) in each dtype, NCHW and channels_last."""
+    clamped channels_last; and (fp16) an odd size that defeats vector alignment, NCHW and
+    channels_last (5 channels: the element-by-element GATHER tile); (fp32) 16 channels_last
+    channels. Then the noise kernel (gaussian_) in each dtype, NCHW and channels_last. `tile`
+    records the kernel's tile layout (kernels/step.py)."""
     from fastdiff import Schedule
+    from fastdiff.kernels.step import _layout
     from fastdiff.ops.step import step_op
     from fastdiff.samplers import SAMPLERS, build_plan
+
+    names = {0: "memory", 1: "gather", 2: "transpose"}
 
     kinds = {}
     for sampler in SAMPLERS:
@@ -269,12 +274,15 @@ def step_launches() -> Iterator[Launch]:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             variants = [((2, 4, 64, 64), False, False), ((2, 4, 64, 64), True, True)]
             if dtype == torch.float16:
-                variants.append(((3, 5, 7, 11), False, True))
+                variants += [((3, 5, 7, 11), False, True), ((3, 5, 7, 11), True, True)]
+            if dtype == torch.float32:
+                variants.append(((2, 16, 32, 32), True, False))
             for shape, channels_last, guided in variants:
                 x, y = _rand(shape, dtype, channels_last), _rand(shape, dtype, channels_last)
                 hs = [_rand(shape, dtype, channels_last) if i < n_history else None for i in (0, 1)]
                 config = dict(op="step", sampler=sampler, shape=list(shape), dtype=_name(dtype))
-                config.update(channels_last=channels_last, guided=guided)
+                tile = _layout(x, None, flat=not stochastic)[1]["constexprs"]["LAYOUT"]
+                config.update(channels_last=channels_last, guided=guided, tile=names[int(tile)])
                 args = (x, y, y if guided else None, *hs, table, torch.tensor(0))
                 flags = torch.zeros(table.shape[0], dtype=torch.int32)  # as fastdiff.sample
                 kw = dict(seed=1, sample_offset=0, guidance=2.0 if guided else 1.0, nonfinite=flags)
@@ -287,7 +295,8 @@ def step_launches() -> Iterator[Launch]:
         for shape, channels_last in [((2, 4, 64, 64), False), ((2, 4, 64, 64), True)]:
             out = _rand(shape, dtype, channels_last)
             config = dict(op="gaussian", shape=list(shape), dtype=_name(dtype))
-            config.update(channels_last=channels_last)
+            tile = _layout(out, None)[1]["constexprs"]["LAYOUT"]
+            config.update(channels_last=channels_last, tile=names[int(tile)])
             yield Launch(config, gaussian_op, (out, 1, 0), dict(sample_offset=0, scale=14.6))
 
 

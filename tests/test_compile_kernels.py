@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from test_scripts import SCRIPTS, load_script
 
+from fastdiff import Schedule
+from fastdiff.samplers import SAMPLERS, build_plan
+
 pytest.importorskip("triton")
 
 
@@ -36,6 +39,10 @@ def report(tmp_path_factory):
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+# the samplers whose plans draw noise (compile_kernels.py builds them the same way)
+NOISY = {s for s in SAMPLERS if build_plan(s, Schedule.stable_diffusion(), 6).stochastic}
 
 
 def kernels(report, source, op=None, **config):
@@ -71,6 +78,25 @@ def test_step_kernel_moves_16_bytes_per_access(report):
             assert ops.get("LDG.E.128", 0) >= 2 and ops.get("STG.E.128"), (k["config"], ops)
             narrow = [op for op in ops if op.startswith("STG") and op != "STG.E.128"]
             assert narrow == ["STG.E"] and ops["STG.E"] <= ops["STG.E.128"], (k["config"], ops)
+
+
+def test_channels_last_step_kernels_move_16_bytes_per_access(report):
+    # 2x4x64x64 channels_last (guided): with noise the TRANSPOSE tile, 16-byte accesses in
+    # memory order with the noise transposed through at most 4 KiB of shared memory; without
+    # noise the MEMORY tile, as NCHW. 16 channels_last channels the same. No spills.
+    for k in kernels(report, "triton", "step", channels_last=True):
+        if k["config"]["shape"] not in ([2, 4, 64, 64], [2, 16, 32, 32]):
+            continue
+        ops, tile = k["memory_ops"], k["config"]["tile"]
+        assert tile == ("transpose" if k["config"]["sampler"] in NOISY else "memory"), k["config"]
+        assert k["spill_bytes"] == 0, k["config"]
+        assert k["shared_bytes"] <= (4096 if tile == "transpose" else 0), k["config"]
+        assert ops.get("LDG.E.128", 0) >= 2 and ops.get("STG.E.128"), (k["config"], ops)
+        narrow = [op for op in ops if op.startswith("STG") and op != "STG.E.128"]
+        assert narrow == ["STG.E"] and ops["STG.E"] <= ops["STG.E.128"], (k["config"], ops)
+    for k in kernels(report, "triton", "gaussian", channels_last=True):
+        assert k["config"]["tile"] == "transpose" and k["spill_bytes"] == 0, k["config"]
+        assert [op for op in k["memory_ops"] if op.startswith("STG")] == ["STG.E.128"], k
 
 
 def test_noise_kernel_stores_16_bytes_per_thread(report):
@@ -115,11 +141,18 @@ def test_cuda_extension_kernels(report):
 
     if not (_ext.available() and _ext.build_info().get("cuda")):
         pytest.skip("fastdiff._C was built without CUDA")
-    step = [k for k in report["kernels"] if k["source"] == "cuda" and "step_vector" in k["name"]]
-    assert len(step) == 3  # float, Half, BFloat16
-    for k in step:
-        assert k["memory_ops"].get("LDG.E.128", 0) >= 2 and k["memory_ops"].get("STG.E.128", 0)
-        assert k["spill_bytes"] == 0
+    # NCHW (and noise-free channels_last) states; channels_last ones with noise and 2^k
+    # channels, the noise transposed through shared memory (kThreads * V floats)
+    for kind, shared in (("step_vector", {}), ("step_tile", {"float": 4096, "Half": 8192})):
+        step = [k for k in report["kernels"] if k["source"] == "cuda" and kind in k["name"]]
+        assert len(step) == 3  # float, Half, BFloat16
+        for k in step:
+            ops = k["memory_ops"]
+            assert ops.get("LDG.E.128", 0) >= 2 and ops.get("STG.E.128", 0), (k["name"], ops)
+            assert k["spill_bytes"] == 0
+            dtype = k["name"].split("<")[1].rstrip(">").replace("BFloat16", "Half")
+            # the report counts the 1 KiB that sm_90 reserves per block
+            assert k["shared_bytes"] <= shared.get(dtype, 0) + 1024, k
     # the noise kernel: a Philox block's 4 values in one store (16 bytes fp32, 8 fp16/bf16)
     noise = {
         k["name"]: k for k in report["kernels"] if k["source"] == "cuda" and "gaussian" in k["name"]

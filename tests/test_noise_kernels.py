@@ -42,6 +42,10 @@ def empty(shape, dtype, device, channels_last):
         ((2, 6, 4, 3), True, 1, 0, 9, -0.5),
         ((2, 4, 16, 16), False, 7, 5, 0, 1.0),  # contiguous, 16-byte rows
         ((2, 3, 4, 8), True, 3, 1, 2, 2.0),  # channels_last, a row within one channel
+        # channels_last, 2^k channels and whole rows per channel: Triton's TRANSPOSE tiles
+        # (interpreted: 2 per sample of 1024 positions, the second partial)
+        ((2, 16, 4, 6), True, 4, 3, 1, 1.5),
+        ((1, 4, 40, 40), True, 9, 0, 3, 1.0),
     ],
 )
 def test_matches_spec(backend, shape, channels_last, seed, offset, step_, scale):
@@ -58,7 +62,13 @@ def test_matches_spec(backend, shape, channels_last, seed, offset, step_, scale)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "shape, channels_last",
-    [((2, 4, 8, 8), False), ((3, 5, 7, 11), False), ((2, 6, 4, 3), True), ((2, 3, 4, 8), True)],
+    [
+        ((2, 4, 8, 8), False),
+        ((3, 5, 7, 11), False),
+        ((2, 6, 4, 3), True),
+        ((2, 3, 4, 8), True),
+        ((2, 8, 4, 6), True),  # Triton's TRANSPOSE tile (8-element rows)
+    ],
 )
 def test_16_bit_outputs_round_once(backend, dtype, shape, channels_last):
     """z * scale in fp32, rounded once to the output's dtype: the reference's value unless a
@@ -81,7 +91,9 @@ def test_16_bit_outputs_round_once(backend, dtype, shape, channels_last):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("shape, channels_last", [((3, 5, 7, 11), False), ((2, 6, 4, 3), True)])
+@pytest.mark.parametrize(
+    "shape, channels_last", [((3, 5, 7, 11), False), ((2, 6, 4, 3), True), ((2, 8, 4, 6), True)]
+)
 def test_equals_the_step_ops_noise(backend, dtype, shape, channels_last):
     """gaussian_ at step r + 1 is, bit for bit, the z that the same backend's step op adds at
     row r (a table row x_next = z)."""

@@ -30,6 +30,10 @@ CASES = {
     "2x3x5x3-cl-clamp": ((2, 3, 5, 3), True, False, (-0.5, 0.5)),
     # 32 positions: a Triton row (4 or 8 elements) never crosses a channel
     "2x3x4x8-cl": ((2, 3, 4, 8), True, True, None),
+    # 2^k channels, positions a multiple of 8: Triton's TRANSPOSE tiles (memory order, the
+    # noise transposed into them)
+    "2x4x6x8-cl": ((2, 4, 6, 8), True, True, None),
+    "3x16x2x4-cl-clamp": ((3, 16, 2, 4), True, False, (-1.0, 1.0)),
 }
 
 
@@ -152,6 +156,8 @@ def unit_noise_table(rows: int, dtype=torch.float64) -> torch.Tensor:
         ((3, 5, 7, 11), True, 2**63 + 12345, 17, 5),
         ((2, 6, 4, 3), True, 1, 0, 9),
         ((2, 3, 4, 8), True, 7, 2, 1),
+        ((2, 16, 4, 6), True, 3, 1, 2),
+        ((1, 4, 40, 40), True, 2**40 + 1, 5, 7),
     ],
 )
 def test_noise_matches_spec(backend, shape, channels_last, seed, offset, counter):
@@ -172,7 +178,13 @@ def test_noise_matches_spec(backend, shape, channels_last, seed, offset, counter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "shape, channels_last",
-    [((2, 4, 8, 8), False), ((3, 5, 7, 11), False), ((2, 6, 4, 3), True), ((2, 3, 4, 8), True)],
+    [
+        ((2, 4, 8, 8), False),
+        ((3, 5, 7, 11), False),
+        ((2, 6, 4, 3), True),
+        ((2, 3, 4, 8), True),
+        ((2, 8, 4, 6), True),
+    ],
 )
 def test_noise_in_16_bit_states(backend, dtype, shape, channels_last):
     """16-bit states take 8 elements (two Philox blocks) per vector in the Triton kernel: each
@@ -203,6 +215,61 @@ def test_cpu_noise_in_bulk():
     ref = noise.randn_like_batch(123, 8, shape)
     torch.testing.assert_close(z, ref, atol=NOISE_ATOL, rtol=2.5e-7)
     assert abs(float(z.mean())) < 5e-3 and abs(float(z.var()) - 1) < 5e-3
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 6, 8), (3, 5, 7, 11)], ids=["4ch", "5ch"])
+def test_channels_last_without_noise(backend, dtype, shape):
+    """A step without noise runs a channels_last state as the flat array it is in memory (the
+    CUDA kernel's vector path, Triton's MEMORY tile): the reference's result, histories too."""
+    device = device_for(backend)
+    require(backend, device)
+    g = torch.Generator().manual_seed(5)
+    table = plan_table("unipc").to(device)
+    for row in range(table.shape[0]):
+        x, y, yu, h0, h1 = (randn(shape, dtype, device, g, True) for _ in range(5))
+        hs, hs_ref = [h0.clone(), h1.clone()], [h0.clone(), h1.clone()]
+        counter = torch.tensor(row, device=device)
+        kw = dict(guidance=2.0, stochastic=False)
+        out = step(x, y, yu, *hs, table, counter, backend=backend, **kw)
+        ref = step_reference(x, y, yu, *hs_ref, table, counter, **kw)
+        assert out.stride() == x.stride()
+        for a, b in zip((out, *hs), (ref, *hs_ref)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)  # no FMA: the reference's roundings
+
+
+def test_triton_tiles():
+    """kernels/step.py's tile for each layout and dtype, and the same bits whatever its size:
+    several programs per sample, the last one partial."""
+    pytest.importorskip("triton")
+    from fastdiff.kernels import step as kernels
+
+    cl = lambda shape, dtype: torch.zeros(shape, dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    tile = lambda x, **kw: int(kernels._layout(x, None, **kw)[1]["constexprs"]["LAYOUT"])
+    MEMORY, GATHER, TRANSPOSE = 0, 1, 2
+    assert tile(torch.zeros(2, 4, 6, 8)) == MEMORY
+    assert tile(cl((2, 4, 6, 8), torch.float32)) == TRANSPOSE
+    assert tile(cl((2, 4, 6, 8), torch.float16)) == TRANSPOSE
+    assert tile(cl((2, 4, 6, 6), torch.float32)) == TRANSPOSE  # 36 positions: rows of 4
+    assert tile(cl((2, 4, 6, 6), torch.float16)) == GATHER  # but not of 8
+    assert tile(cl((3, 5, 7, 11), torch.float32)) == GATHER  # 5 channels
+    assert tile(cl((3, 5, 7, 11), torch.float32), flat=True) == MEMORY  # no noise
+    table = unit_noise_table(3).float()
+    for shape, dtype in [((2, 4, 6, 8), torch.float32), ((2, 4, 6, 8), torch.float16)]:
+        x = cl(shape, dtype)
+        outs = []
+        for block in (None, 64, 128):  # 16 or 32 positions per program: 3 or 2 per sample
+            args = (x, x, None, None, None, table, torch.tensor(2))
+            kw = dict(seed=9, sample_offset=1, guidance=1.0, clamp=None, stochastic=True)
+            outs.append(kernels.step(*args, **kw, block=block))
+            noise_out = kernels.gaussian_(torch.empty_like(x), 9, 3, 1, 1.0, block=block)
+            assert torch.equal(noise_out, outs[-1])
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        z = noise.randn_like_batch(9, 3, shape, sample_offset=1)
+        torch.testing.assert_close(outs[0].float(), z.to(dtype).float(), atol=NOISE_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("backend", FUSED)
