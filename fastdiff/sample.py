@@ -57,7 +57,8 @@ def sample(
     Sampling runs under torch.no_grad(), as diffusers' pipelines do (the step op has no
     gradient); a model that needs gradients inside, e.g. for classifier guidance, computes them
     under torch.enable_grad().
-    Returns the final sample, shape `shape`, dtype `dtype` (default float32)."""
+    Returns the final sample, shape `shape`, dtype `dtype` (default float32), in the memory
+    layout of the model's output (NCHW or channels_last: the state follows it from row 1 on)."""
     schedule = schedule if schedule is not None else Schedule.from_betas("linear")
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastdiff.Schedule, got {type(schedule).__name__}")
@@ -156,8 +157,8 @@ def _run(
     # every row's timesteps, one row per model call (a fresh row per step: a model that writes
     # into t harms no later step)
     t_rows = table[:, Col.T].to(tdt).reshape(-1, 1).expand(plan.rows, nb).contiguous()
+    # h0, h1: zeros in x's layout (replaced when row 0 changes x's layout)
     history = [torch.zeros_like(x) for _ in range(plan.n_history)] + [None, None]
-    h0, h1 = history[0], history[1]
     # nonfinite[i] = 1 once row i's x_next holds a NaN or an infinity: the step op sets it
     nonfinite = torch.zeros(plan.rows, dtype=torch.int32, device=device)
     model_cond = _batched(cond, uncond) if guided else cond
@@ -168,10 +169,11 @@ def _run(
 
         rows = tqdm(rows, desc=plan.sampler, unit="step")
 
-    def one_step(x, i: int, stochastic: bool, counter: torch.Tensor, t: torch.Tensor):
+    def one_step(x, i: int, stochastic: bool, counter: torch.Tensor, t: torch.Tensor, first=False):
         """Row `counter` (a device tensor holding i) on x at timesteps t: the model call and the
         fused update, which also flags a non-finite result. Reads no device value on the host,
-        so it can be captured as a CUDA graph."""
+        so it can be captured as a CUDA graph. `first` (row 0, eager): x and the histories take
+        the memory layout of the model's output, so that no later step copies it."""
         if guided:
             y = _call(model, torch.cat([x, x]), t, model_cond, i)
             y, y_u = y.chunk(2)
@@ -184,6 +186,8 @@ def _run(
                 f"{tuple(x.shape)}; models with learned variance must return only the "
                 "prediction channels"
             )
+        if first:
+            x = _follow_layout(x, y, history)
         x0 = None
         if callback is not None:
             row = torch.index_select(table, 0, counter.reshape(1))[0]
@@ -194,8 +198,8 @@ def _run(
             x,
             y,
             y_u,
-            h0,
-            h1,
+            history[0],
+            history[1],
             table,
             counter,
             seed=seed,
@@ -208,19 +212,27 @@ def _run(
         )
         return x_next, x0
 
+    # row 0 eagerly (it fixes the state's layout); the rows after it eagerly too, or replayed
+    # as one captured step
+    rows = iter(rows)
+    counters = torch.arange(plan.rows, dtype=torch.int64, device=device)
+    x, x0 = one_step(x, next(rows), noisy[0], counters[0], t_rows[0], first=True)
+    if callback is not None:
+        callback(0, x, x0)
     captured = None
-    if graph is not None:
-        counter = torch.zeros((), dtype=torch.int64, device=device)
+    if graph is not None and plan.rows > 1:
+        counter = torch.ones((), dtype=torch.int64, device=device)
 
-        def graph_step(x, i: int, stochastic: bool):
-            """one_step on the row that `counter` names, then counter + 1: replayed as is."""
+        def graph_step(x, stochastic: bool):
+            """one_step on the row that `counter` names, then counter + 1: replayed as is (the
+            warm-up and the capture run row 1)."""
             t = torch.index_select(t_rows, 0, counter.reshape(1))[0]
-            out = one_step(x, i, stochastic, counter, t)
+            out = one_step(x, 1, stochastic, counter, t)
             counter.add_(1)
             return out
 
-        state = [t for t in (counter, nonfinite, h0, h1) if t is not None]
-        captured = _capture(graph_step, x, any(noisy), state, graph == "required")
+        state = [t for t in (counter, nonfinite, *history) if t is not None]
+        captured = _capture(graph_step, x, any(noisy[1:]), state, graph == "required")
     if captured is not None:
         cuda_graph, x, x0 = captured  # static buffers, rewritten by every replay
         for i in rows:
@@ -230,7 +242,6 @@ def _run(
     else:
         # eagerly, row i's counter and timesteps are views: no kernel besides the model's and
         # the step's
-        counters = torch.arange(plan.rows, dtype=torch.int64, device=device)
         for i in rows:
             x, x0 = one_step(x, i, noisy[i], counters[i], t_rows[i])
             if callback is not None:
@@ -243,6 +254,20 @@ def _run(
             f"{plan.rows} (timestep {float(plan.timesteps[first_bad]):g}); check the "
             "model's output and dtype (fp16 overflow?) and the prediction type"
         )
+    return x
+
+
+def _follow_layout(x: torch.Tensor, y: torch.Tensor, history: list) -> torch.Tensor:
+    """x in the memory layout of the model's output y when that is the other dense layout
+    (a channels_last UNet's output for an NCHW x_T, or the reverse), with the histories
+    (still zeros: row 0) reallocated like it; else x as it is. The fused step takes x, y and
+    the histories in one layout: it would copy y into x's at every step."""
+    layout = step_ops._layout(y)
+    if layout is None or layout == step_ops._layout(x):
+        return x
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    history[:] = [None if h is None else torch.zeros_like(x) for h in history]
     return x
 
 
@@ -262,13 +287,13 @@ def _capture(one_step, x, stochastic: bool, state: list[torch.Tensor], required:
     side = torch.cuda.Stream(device=x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):
-        one_step(static_x, 0, stochastic)
+        one_step(static_x, stochastic)
     torch.cuda.current_stream(x.device).wait_stream(side)
     restore()
     cuda_graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(cuda_graph):
-            out, x0 = one_step(static_x, 0, stochastic)
+            out, x0 = one_step(static_x, stochastic)
             static_x.copy_(out)
     except Exception as e:  # any failure to capture: a sync, a CPU op, an uncapturable kernel
         if required:

@@ -5,8 +5,10 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdiff
+from fastdiff.ops import noise as noise_ops
 from fastdiff.ops.step import step_op
 
 SD = fastdiff.Schedule.stable_diffusion()
@@ -41,6 +43,73 @@ def test_guidance_is_one_batched_call(toy_model):
     guided = lambda x, t: toy_model(x, t) + 7.5 * 0.5
     ref = fastdiff.sample(guided, (3, 1, 4, 4), sampler="ddim", steps=5, schedule=SD)
     torch.testing.assert_close(out, ref)
+
+
+class OpLog(TorchDispatchMode):
+    """The names of the aten/fastdiff ops run under it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+COPIES = ("aten.clone", "aten.copy_", "aten._to_copy", "aten.contiguous")
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+def test_state_takes_a_channels_last_models_layout(guided):
+    """A channels_last UNet returns channels_last outputs for NCHW inputs: after row 0 the state
+    and the histories are converted to its layout once, so every later model call gets a
+    channels_last x and no step copies the model's output into another layout (no copy op
+    from row 1 on). The samples are those drawn from channels_last noise to begin with."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    seen = []
+
+    def model(x, t, c=None):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        out = 0.1 * conv(x) * torch.cos(t / 1000)[:, None, None, None]
+        return out if c is None else out + 0.01 * c
+
+    kw = dict(sampler="dpmpp_2m_sde", steps=4, seed=1, backend="cpu")
+    if guided:
+        kw.update(
+            guidance_scale=3.0,
+            cond={"c": torch.ones(1, 4, 8, 8)},
+            uncond={"c": -torch.ones(1, 4, 8, 8)},
+        )
+    ends = []  # the op count at the end of each row
+    with OpLog() as log:
+        out = fastdiff.sample(
+            model, (2, 4, 8, 8), callback=lambda *a: ends.append(len(log.ops)), **kw
+        )
+    assert seen == [False, True, True, True]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    later = log.ops[ends[0] :]
+    assert later.count("fastdiff.step.default") == 3
+    assert not [op for op in later if op.startswith(COPIES)], later
+    x_T = torch.empty(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    noise_ops.gaussian_(x_T, 1, 0, scale=1.0, backend="cpu")  # the seed's x_T, in the kernel
+    assert torch.equal(out, fastdiff.sample(model, noise=x_T, **kw))
+
+
+def test_state_takes_an_nchw_models_layout(toy_model):
+    """The other way round: channels_last noise and a model whose output is NCHW."""
+    seen = []
+
+    def model(x, t):
+        seen.append(x.is_contiguous())
+        return toy_model(x.contiguous(), t)
+
+    x_T = fastdiff.noise.randn_like_batch(2, 0, (2, 3, 4, 5))
+    kw = dict(sampler="dpmpp_2m", steps=3, backend="cpu")
+    out = fastdiff.sample(model, noise=x_T.contiguous(memory_format=torch.channels_last), **kw)
+    assert seen == [False, True, True] and out.is_contiguous()
+    assert torch.equal(out, fastdiff.sample(toy_model, noise=x_T, **kw))
 
 
 def test_diffusers_style_outputs_are_accepted(toy_model):
