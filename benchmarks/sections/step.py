@@ -33,14 +33,17 @@ SAMPLERS = {
     "dpm++ 2m": ("dpmpp_2m", {}, 20),
 }
 ROW = 10  # mid-trajectory: noisy for DDIM eta=1, second order for DPM-Solver++ 2M
-SHAPES = {  # latents of diffusion models in the dtypes they are sampled in
+# latents of diffusion models in the dtypes they are sampled in, and whether channels_last (the
+# layout of a channels_last UNet's output, which fastdiff.sample's state then follows)
+SHAPES = {
     "cuda": [
-        ((2, 4, 64, 64), torch.float16),
-        ((64, 4, 64, 64), torch.float16),
-        ((256, 3, 32, 32), torch.float32),
-        ((64, 16, 256, 256), torch.float32),
+        ((2, 4, 64, 64), torch.float16, False),
+        ((64, 4, 64, 64), torch.float16, False),
+        ((64, 4, 64, 64), torch.float16, True),
+        ((256, 3, 32, 32), torch.float32, False),
+        ((64, 16, 256, 256), torch.float32, False),
     ],
-    "cpu": [((64, 4, 64, 64), torch.float32), ((16, 3, 256, 256), torch.float32)],
+    "cpu": [((64, 4, 64, 64), torch.float32, False), ((16, 3, 256, 256), torch.float32, False)],
 }
 QUICK_CPU_SHAPES = 1  # --quick on a CPU: the first shape only
 GRAPH_STEPS = 256  # at most this many steps in one captured graph
@@ -59,16 +62,24 @@ def step_bytes(row: torch.Tensor, numel: int, itemsize: int, guided: bool = Fals
 def cases(ctx: Context) -> list[Case]:
     out = []
     shapes = SHAPES[ctx.device.type]
-    for shape, dtype in shapes[:QUICK_CPU_SHAPES] if ctx.quick and not ctx.cuda else shapes:
+    for shape, dtype, cl in shapes[:QUICK_CPU_SHAPES] if ctx.quick and not ctx.cuda else shapes:
         for label, (sampler, options, steps) in SAMPLERS.items():
-            out.append(_case(ctx, label, sampler, options, steps, shape, dtype))
-        out.append(_noise_case(ctx, shape, dtype))
+            out.append(_case(ctx, label, sampler, options, steps, shape, dtype, cl))
+        out.append(_noise_case(ctx, shape, dtype, cl))
     return out
 
 
-def _noise_case(ctx, shape, dtype) -> Case:
+def _layout(channels_last: bool) -> tuple[torch.memory_format, str]:
+    """The memory format and the case-name suffix."""
+    return (
+        (torch.channels_last, " channels_last") if channels_last else (torch.contiguous_format, "")
+    )
+
+
+def _noise_case(ctx, shape, dtype, channels_last=False) -> Case:
     scale = 14.6  # Stable Diffusion's sigma_max: an Euler-type sampler's x_T
-    out = torch.empty(shape, device=ctx.device, dtype=dtype)
+    fmt, suffix = _layout(channels_last)
+    out = torch.empty(shape, device=ctx.device, dtype=dtype, memory_format=fmt)
 
     def randn():
         g = torch.Generator(device=ctx.device).manual_seed(0)
@@ -86,15 +97,15 @@ def _noise_case(ctx, shape, dtype) -> Case:
             if name != "triton" or ctx.cuda:  # interpreted Triton is a test vehicle
                 contenders.append(Contender(f"fastdiff-{name}", lambda name=name: fill(name)))
     return Case(
-        f"x_T {shape_name(shape)} {dtype_name(dtype)}",
+        f"x_T {shape_name(shape)} {dtype_name(dtype)}{suffix}",
         contenders,
-        params=dict(shape=list(shape), dtype=str(dtype), scale=scale),
+        params=dict(shape=list(shape), dtype=str(dtype), scale=scale, channels_last=channels_last),
         unit="call",
         bytes=out.numel() * out.element_size(),
     )
 
 
-def _case(ctx, label, sampler, options, steps, shape, dtype) -> Case:
+def _case(ctx, label, sampler, options, steps, shape, dtype, channels_last=False) -> Case:
     schedule = SCHEDULES["sd"][0]
     plan = build_plan(sampler, schedule, steps, spacing=SPACING, **options)
     numel, itemsize = torch.Size(shape).numel(), dtype.itemsize
@@ -103,7 +114,10 @@ def _case(ctx, label, sampler, options, steps, shape, dtype) -> Case:
 
     def inputs():
         """(x, y, h0, h1) sets to rotate through."""
-        make = lambda: torch.randn(shape, device=ctx.device, dtype=dtype)
+        fmt = _layout(channels_last)[0]
+        make = lambda: torch.randn(shape, device=ctx.device, dtype=dtype).contiguous(
+            memory_format=fmt
+        )
         hs = [make() for _ in range(plan.n_history)] + [None, None]
         return [(make(), make(), hs[0], hs[1]) for _ in range(n_sets)]
 
@@ -135,7 +149,7 @@ def _case(ctx, label, sampler, options, steps, shape, dtype) -> Case:
         who = "reference" if name == "reference" else f"fastdiff-{name}"
         contenders.append(Contender(f"{who}+graph", graph, per_call=n_sets))
     return Case(
-        f"{label} {shape_name(shape)} {dtype_name(dtype)}",
+        f"{label} {shape_name(shape)} {dtype_name(dtype)}{_layout(channels_last)[1]}",
         contenders,
         params=dict(
             sampler=sampler,
@@ -144,6 +158,7 @@ def _case(ctx, label, sampler, options, steps, shape, dtype) -> Case:
             row=ROW,
             shape=list(shape),
             dtype=str(dtype),
+            channels_last=channels_last,
             sets=n_sets,
             refused=refused,
         ),
