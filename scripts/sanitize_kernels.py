@@ -7,6 +7,7 @@ result against the reference so that a run is also a correctness check:
 
 Shapes: 1823 elements (no multiple of any vector width), 3x5x7x11, 2x4x64x64; fp32/fp16/bf16;
 NCHW and channels_last; every sampler (with and without history, noise, guidance and clamp);
+channels_last tiles of the noise (several per block, and one partial);
 the noise alone (gaussian_, also into a view that starts off a 16-byte boundary); GroupNorm+SiLU
 on both run paths, with and without thread block clusters.
 """
@@ -91,6 +92,25 @@ def run_step(dev: torch.device, backend: str) -> int:
     return calls
 
 
+# channels_last with noise, 2^k channels (the CUDA tile kernel): more tiles than a wave of
+# resident blocks (each block reuses its shared noise buffer: racecheck sees the barriers), and
+# a sample smaller than one tile of 16 channels
+TILE_SHAPES = [((8, 4, 256, 256), torch.float32), ((2, 16, 6, 10), torch.float16)]
+
+
+def run_step_tiles(dev: torch.device, backend: str) -> int:
+    plan = build_plan("ddpm", Schedule.stable_diffusion(), 6)
+    table, counter = plan.table.float().to(dev), torch.tensor(2, device=dev)
+    for shape, dtype in TILE_SHAPES:
+        g = torch.Generator(device=dev).manual_seed(1)
+        x, y = (rand(shape, dtype, True, g) for _ in range(2))
+        out = step(x, y, None, None, None, table, counter, seed=5, backend=backend)
+        sync(dev)
+        ref = step_reference(x, y, None, None, None, table, counter, seed=5)
+        check(f"step tiles {shape} {dtype}", out, ref, dtype)
+    return len(TILE_SHAPES)
+
+
 def run_gaussian(dev: torch.device, backend: str) -> int:
     """x_T of every shape, dtype and layout, and once into a view whose data starts 4 bytes past
     an aligned address (the 4-value stores must not be taken there)."""
@@ -163,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda" and not torch.cuda.is_available():
         print(f"sanitize_kernels.py: --backend {args.backend} needs a CUDA device", file=sys.stderr)
         return 2
-    steps, norms = run_step(dev, args.backend), run_group_norm(dev, args.backend)
+    steps = run_step(dev, args.backend) + run_step_tiles(dev, args.backend)
+    norms = run_group_norm(dev, args.backend)
     noises = run_gaussian(dev, args.backend)
     norms += run_group_norm_without_clusters(dev, args.backend)
     print(
