@@ -168,7 +168,7 @@ def _same_layout(t: torch.Tensor, x: torch.Tensor) -> bool:
 
 def _like_x(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     """t in x's memory layout (a copy only when it differs)."""
-    if t is None or _same_layout(t, x):
+    if t is None or t.stride() == x.stride() or _same_layout(t, x):
         return t
     fmt = torch.channels_last if _layout(x) == "channels_last" else torch.contiguous_format
     return t.contiguous(memory_format=fmt)
@@ -321,17 +321,18 @@ _CHOSEN_MAX = 256
 
 
 def _signature(args: tuple, nonfinite: torch.Tensor | None, backend: str | None) -> tuple:
-    key: list = [requested(backend), os.environ.get("TRITON_INTERPRET")]
-    for t in (*args, nonfinite):
-        if t is None:
-            key.append(None)
-        else:
-            key += (t.device, t.dtype, t.shape, t.stride())
-    storages: list = []  # of x, y, y_uncond, h0, h1: each one's first operand with its storage
-    for t in args[:5]:
-        ptr = None if t is None else t.untyped_storage().data_ptr()
-        key.append(storages.index(ptr) if ptr is not None and ptr in storages else -1)
-        storages.append(ptr)
+    wanted = requested(backend)
+    # TRITON_INTERPRET decides only whether triton, asked for by name, takes CPU tensors
+    # (automatic dispatch passes interpreted triton over): read only then (~1 us)
+    interpret = os.environ.get("TRITON_INTERPRET") if wanted == "triton" else None
+    key = [wanted, interpret]
+    key += [None if t is None else (t.device, t.dtype, t.shape, t.stride()) for t in args]
+    key.append(None if nonfinite is None else (nonfinite.device, nonfinite.dtype, nonfinite.shape))
+    if args[3] is not None or args[4] is not None:
+        # only h0/h1 (written in place) must share storage with no other operand: each of x,
+        # y, y_uncond, h0, h1 as the index of the first one with its storage (-1: none before)
+        ptrs = [None if t is None else t.untyped_storage().data_ptr() for t in args[:5]]
+        key += [ptrs.index(p) if p is not None else -1 for p in ptrs]
     return tuple(key)
 
 
