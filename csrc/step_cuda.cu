@@ -11,8 +11,8 @@
 // thread handles one Philox block of 4 logical elements with scalar loads.
 // Bytes per element: (2 + guided + histories read + 1 + histories written) * sizeof(T); e.g.
 // DDIM in fp32 moves 12 B/element, DPM-Solver++(2M) 20 B/element.
-// fastdiff::gaussian_ (the noise alone, e.g. a sample's x_T: the block kernel's noise, scaled
-// and stored) writes sizeof(T) B/element.
+// fastdiff::gaussian_ (the noise alone, e.g. a sample's x_T: the block or tile kernel's noise,
+// scaled and stored) writes sizeof(T) B/element.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty_like.h>
@@ -170,12 +170,43 @@ __global__ void __launch_bounds__(kThreads) step_vector_kernel(const Args<T> a) 
   flag(a, s, bad);
 }
 
-// channels_last with noise, C = 2^k channels (C <= kTile / 4), P % 4 == 0, every pointer
-// 16-byte aligned. A tile is kTile / C whole positions of one sample (kTile elements, one Pack
-// per thread): a contiguous range of memory. The block draws the tile's noise per channel along
-// logical e = c P + p (Philox blocks of 4 positions; P and the tile's first position are
-// multiples of 4), stores it transposed into shared memory in memory order (p C + c), then each
-// thread updates its 16 bytes of every operand. Grid-stride over tiles.
+// A tile of a channels_last sample (C = 2^k channels, C <= kTile / 4, P % 4 == 0) is kTile / C
+// whole positions of all its channels from position p0 (a multiple of 4): kTile contiguous
+// elements of memory. The block draws the tile's noise per channel along logical e = c P + p
+// (Philox blocks of 4 positions) and stores it transposed, in memory order (p C + c), into
+// tile_z; every thread of the block calls it, and a barrier must follow before tile_z is read.
+template <int kTile>
+__device__ __forceinline__ void draw_tile(float* tile_z, uint64_t seed, uint32_t sample,
+                                          uint32_t s, int64_t P, int64_t C, int64_t p0) {
+  // Philox block q of the tile: channel q % C (neighbouring threads, neighbouring words of
+  // shared memory), positions p0 + 4 (q / C) .. + 3
+  for (int q = threadIdx.x; q < kTile / 4; q += kThreads) {
+    const int64_t c = q % C, p = 4 * (q / C);
+    const float4 n = philox::normals(
+        philox::block_words(seed, static_cast<uint32_t>(c * (P / 4) + (p0 + p) / 4), sample, s));
+    tile_z[(p + 0) * C + c] = n.x;
+    tile_z[(p + 1) * C + c] = n.y;
+    tile_z[(p + 2) * C + c] = n.z;
+    tile_z[(p + 3) * C + c] = n.w;
+  }
+}
+
+// The tiles of `batch` samples of P positions and C channels, `tile` elements each: tp
+// positions per tile, tile t = (sample t / per_sample_tiles, its (t % per_sample_tiles)-th).
+struct Tiles {
+  int64_t tp, per_sample_tiles, count;
+  __host__ __device__ Tiles(int64_t batch, int64_t P, int64_t C, int tile)
+      : tp(tile / C), per_sample_tiles((P + tp - 1) / tp), count(batch * per_sample_tiles) {}
+  // tile t's sample b and first position p0
+  __device__ void locate(int64_t t, int64_t& b, int64_t& p0) const {
+    b = t / per_sample_tiles;
+    p0 = (t - b * per_sample_tiles) * tp;
+  }
+};
+
+// channels_last with noise, C = 2^k channels, P % 4 == 0, every pointer 16-byte aligned: a
+// tile (draw_tile) holds one Pack per thread; each thread updates its 16 bytes of every
+// operand with its noise from shared memory. Grid-stride over tiles.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) step_tile_kernel(const Args<T> a) {
   constexpr int V = Pack<T>::kSize;
@@ -185,26 +216,15 @@ __global__ void __launch_bounds__(kThreads) step_tile_kernel(const Args<T> a) {
   const Row r = device_row(a, s);
   const bool noise = r.z != 0.0f;  // uniform: the barriers below are reached by every thread
   const int64_t P = a.positions, C = a.channels, per_sample = P * C;
-  const int64_t tp = kTile / C;  // positions per tile, a multiple of 4
-  const int64_t tiles_per_sample = (P + tp - 1) / tp, tiles = a.batch * tiles_per_sample;
+  const Tiles tiles(a.batch, P, C, kTile);
   const int m = threadIdx.x * V;  // this thread's first element within a tile (memory order)
   bool bad = false;
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int64_t b = t / tiles_per_sample, p0 = (t - b * tiles_per_sample) * tp;
+  for (int64_t t = blockIdx.x; t < tiles.count; t += gridDim.x) {
+    int64_t b, p0;
+    tiles.locate(t, b, p0);
     float z[V] = {};
     if (noise) {
-      // Philox block q of the tile: channel q % C (neighbouring threads, neighbouring words
-      // of shared memory), positions p0 + 4 (q / C) .. + 3
-      for (int q = threadIdx.x; q < kTile / 4; q += kThreads) {
-        const int64_t c = q % C, p = 4 * (q / C);
-        const int64_t block = c * (P / 4) + (p0 + p) / 4;
-        const float4 n = philox::normals(philox::block_words(
-            a.seed, static_cast<uint32_t>(block), static_cast<uint32_t>(a.sample_offset + b), s));
-        tile_z[(p + 0) * C + c] = n.x;
-        tile_z[(p + 1) * C + c] = n.y;
-        tile_z[(p + 2) * C + c] = n.z;
-        tile_z[(p + 3) * C + c] = n.w;
-      }
+      draw_tile<kTile>(tile_z, a.seed, static_cast<uint32_t>(a.sample_offset + b), s, P, C, p0);
       __syncthreads();
 #pragma unroll
       for (int k = 0; k < V; ++k) z[k] = tile_z[m + k];
@@ -285,6 +305,30 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// fastdiff::gaussian_ into a channels_last output with C = 2^k channels (step_tile_kernel's
+// conditions): a tile's noise through shared memory, then one 16-byte store per thread.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gaussian_tile_kernel(T* __restrict__ out, uint64_t seed, uint32_t s, int64_t sample_offset,
+                         float scale, int64_t batch, int64_t P, int64_t C) {
+  constexpr int V = Pack<T>::kSize;
+  constexpr int kTile = kThreads * V;
+  __shared__ float tile_z[kTile];
+  const Tiles tiles(batch, P, C, kTile);
+  const int m = threadIdx.x * V;
+  for (int64_t t = blockIdx.x; t < tiles.count; t += gridDim.x) {
+    int64_t b, p0;
+    tiles.locate(t, b, p0);
+    draw_tile<kTile>(tile_z, seed, static_cast<uint32_t>(sample_offset + b), s, P, C, p0);
+    __syncthreads();
+    Pack<T> v;
+#pragma unroll
+    for (int k = 0; k < V; ++k) v.v[k] = static_cast<T>(__fmul_rn(tile_z[m + k], scale));
+    __syncthreads();
+    if (p0 * C + m < P * C) store(out, (b * P + p0) * C + m, v);
+  }
+}
+
 // Blocks of kThreads of `kKernel` that fit on one SM at once (registers bound it), asked once.
 template <auto kKernel>
 int resident_blocks() {
@@ -313,6 +357,20 @@ bool aligned16(const T* p) {
 template <typename T>
 T* data_or_null(const std::optional<at::Tensor>& t) {
   return t ? static_cast<T*>(t->data_ptr()) : nullptr;
+}
+
+// Whether the tile kernels take a problem (channels_last: C > 1; C = 2^k <= kTile / 4,
+// P % 4 == 0, every pointer 16-byte aligned), and how many tiles it has.
+template <typename T>
+bool tiled(const Problem& pr, bool aligned) {
+  constexpr int kTile = kThreads * Pack<T>::kSize;
+  const int64_t C = pr.channels;
+  return C > 1 && (C & (C - 1)) == 0 && C <= kTile / 4 && pr.positions % 4 == 0 && aligned;
+}
+
+template <typename T>
+int64_t tile_count(const Problem& pr) {
+  return Tiles(pr.batch, pr.positions, pr.channels, kThreads * Pack<T>::kSize).count;
 }
 
 at::Tensor step_cuda(const at::Tensor& x, const at::Tensor& y,
@@ -355,20 +413,16 @@ at::Tensor step_cuda(const at::Tensor& x, const at::Tensor& y,
     a.batch = pr.batch;
     a.positions = pr.positions;
     a.channels = pr.channels;
-    constexpr int V = Pack<T>::kSize, kTile = kThreads * V;
+    constexpr int V = Pack<T>::kSize;
     const bool aligned = aligned16(a.x) && aligned16(a.y) && aligned16(a.yu) &&
                          aligned16(a.h0) && aligned16(a.h1) && aligned16(a.out);
-    const int64_t C = pr.channels;
-    const bool vector = C == 1 && pr.positions % V == 0 && aligned;
-    const bool tiled =
-        C > 1 && (C & (C - 1)) == 0 && C <= kTile / 4 && pr.positions % 4 == 0 && aligned;
-    if (vector) {
+    if (pr.channels == 1 && pr.positions % V == 0 && aligned) {
       const int blocks =
           grid_size(pr.batch * pr.positions / V, resident_blocks<step_vector_kernel<T>>());
       step_vector_kernel<T><<<blocks, kThreads, 0, stream>>>(a);
-    } else if (tiled) {  // one block per tile of kTile / C positions
-      const int64_t tiles = pr.batch * ((pr.positions + kTile / C - 1) / (kTile / C));
-      const int blocks = grid_size(tiles * kThreads, resident_blocks<step_tile_kernel<T>>());
+    } else if (tiled<T>(pr, aligned)) {  // one block per tile
+      const int blocks =
+          grid_size(tile_count<T>(pr) * kThreads, resident_blocks<step_tile_kernel<T>>());
       step_tile_kernel<T><<<blocks, kThreads, 0, stream>>>(a);
     } else {
       const int blocks = grid_size(pr.batch * ((pr.per_sample() + 3) / 4),
@@ -391,13 +445,22 @@ void gaussian_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t sa
   FASTDIFF_DISPATCH_FLOAT(out.scalar_type(), "fastdiff::gaussian_", [&] {
     using T = scalar_t;
     T* o = out.mutable_data_ptr<T>();
-    const bool quad = pr.channels == 1 && pr.positions % 4 == 0 &&
-                      reinterpret_cast<uintptr_t>(o) % sizeof(Quad<T>) == 0;
-    const int blocks = grid_size(pr.batch * ((pr.per_sample() + 3) / 4),
-                                 resident_blocks<gaussian_kernel<T>>());
-    gaussian_kernel<T><<<blocks, kThreads, 0, stream>>>(
-        o, static_cast<uint64_t>(seed), static_cast<uint32_t>(step), sample_offset,
-        static_cast<float>(scale), pr.batch, pr.positions, pr.channels, quad);
+    const auto seed64 = static_cast<uint64_t>(seed);
+    const auto s = static_cast<uint32_t>(step);
+    const auto fscale = static_cast<float>(scale);
+    if (tiled<T>(pr, aligned16(o))) {
+      const int64_t tiles = tile_count<T>(pr);
+      const int blocks = grid_size(tiles * kThreads, resident_blocks<gaussian_tile_kernel<T>>());
+      gaussian_tile_kernel<T><<<blocks, kThreads, 0, stream>>>(
+          o, seed64, s, sample_offset, fscale, pr.batch, pr.positions, pr.channels);
+    } else {
+      const bool quad = pr.channels == 1 && pr.positions % 4 == 0 &&
+                        reinterpret_cast<uintptr_t>(o) % sizeof(Quad<T>) == 0;
+      const int blocks = grid_size(pr.batch * ((pr.per_sample() + 3) / 4),
+                                   resident_blocks<gaussian_kernel<T>>());
+      gaussian_kernel<T><<<blocks, kThreads, 0, stream>>>(
+          o, seed64, s, sample_offset, fscale, pr.batch, pr.positions, pr.channels, quad);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

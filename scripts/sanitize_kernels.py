@@ -92,7 +92,7 @@ def run_step(dev: torch.device, backend: str) -> int:
     return calls
 
 
-# channels_last with noise, 2^k channels (the CUDA tile kernel): more tiles than a wave of
+# channels_last with noise, 2^k channels (the CUDA tile kernels): more tiles than a wave of
 # resident blocks (each block reuses its shared noise buffer: racecheck sees the barriers), and
 # a sample smaller than one tile of 16 channels
 TILE_SHAPES = [((8, 4, 256, 256), torch.float32), ((2, 16, 6, 10), torch.float16)]
@@ -112,8 +112,9 @@ def run_step_tiles(dev: torch.device, backend: str) -> int:
 
 
 def run_gaussian(dev: torch.device, backend: str) -> int:
-    """x_T of every shape, dtype and layout, and once into a view whose data starts 4 bytes past
-    an aligned address (the 4-value stores must not be taken there)."""
+    """x_T of every shape, dtype and layout, the channels_last tile cases, and once into a view
+    whose data starts 4 bytes past an aligned address (the 4-value stores must not be taken
+    there)."""
     calls = 0
     for shape in SHAPES:
         for dtype in DTYPES:
@@ -126,6 +127,14 @@ def run_gaussian(dev: torch.device, backend: str) -> int:
                 sync(dev)
                 check(f"gaussian_ {shape} {dtype} channels_last={channels_last}", out, ref, dtype)
                 calls += 1
+    for shape, dtype in TILE_SHAPES:  # the tile kernel's awkward cases, as for the step
+        out = torch.full(shape, float("nan"), dtype=dtype, device=dev)
+        out = out.contiguous(memory_format=torch.channels_last)
+        ref = gaussian_reference(torch.empty_like(out), 7, 2, sample_offset=1, scale=-3.0)
+        gaussian_(out, 7, 2, sample_offset=1, scale=-3.0, backend=backend)
+        sync(dev)
+        check(f"gaussian_ tiles {shape} {dtype}", out, ref, dtype)
+        calls += 1
     storage = torch.full((1 + 2 * 4 * 8 * 8,), float("nan"), device=dev)
     out = storage[1:].view(2, 4, 8, 8)
     gaussian_(out, 7, 5, backend=backend)

@@ -153,14 +153,21 @@ def test_cuda_extension_kernels(report):
             dtype = k["name"].split("<")[1].rstrip(">").replace("BFloat16", "Half")
             # the report counts the 1 KiB that sm_90 reserves per block
             assert k["shared_bytes"] <= shared.get(dtype, 0) + 1024, k
-    # the noise kernel: a Philox block's 4 values in one store (16 bytes fp32, 8 fp16/bf16)
+    # the noise kernels: a Philox block's 4 values in one store (16 bytes fp32, 8 fp16/bf16);
+    # the channels_last tile, 16 bytes per thread from the transposed tile in shared memory
     noise = {
         k["name"]: k for k in report["kernels"] if k["source"] == "cuda" and "gaussian" in k["name"]
     }
-    assert sorted(noise) == [f"gaussian_kernel<{t}>" for t in ("BFloat16", "Half", "float")]
+    types = ("BFloat16", "Half", "float")
+    assert sorted(noise) == sorted(
+        f"gaussian{kind}_kernel<{t}>" for kind in ("", "_tile") for t in types
+    )
     for name, k in noise.items():
-        wide = "STG.E.128" if name.endswith("<float>") else "STG.E.64"
+        tile = "_tile" in name
+        wide = "STG.E.128" if tile or name.endswith("<float>") else "STG.E.64"
         assert k["memory_ops"].get(wide) == 1 and k["spill_bytes"] == 0, (name, k["memory_ops"])
+        shared = (4096 if name.endswith("<float>") else 8192) if tile else 0
+        assert k["shared_bytes"] <= shared + 1024, k
     # GroupNorm+SiLU: <dtype, channels_last, run length[, cached runs]>. Runs: one element, or
     # 16 bytes, or in channels_last every power of two in between (per-group channel counts such
     # as SD1.5's 10 and 20); each run length has the one-kernel path (4 cache sizes; one for
