@@ -285,6 +285,37 @@ struct Tile {
   int64_t b, p0, p1;
 };
 
+constexpr int kMaxInterleave = 16;  // channels interleaved per pass (a tile's run buffers)
+
+// z[k * C + c] = src[c][k] for k < len, c < kG: with the group size a compile-time constant,
+// the compiler vectorises the loop as register transposes (one channel at a time, strided
+// scalar stores, made channels_last noise ~20% dearer than NCHW's; this, ~7%).
+template <int kG>
+void interleave_group(float* __restrict__ z, int64_t C, const float* const* src, int64_t len) {
+  const float* s[kG];
+  for (int c = 0; c < kG; ++c) s[c] = src[c];
+  if (C == kG) {
+    for (int64_t k = 0; k < len; ++k)
+      for (int c = 0; c < kG; ++c) z[k * kG + c] = s[c][k];
+    return;
+  }
+  for (int64_t k = 0; k < len; ++k)
+    for (int c = 0; c < kG; ++c) z[k * C + c] = s[c][k];
+}
+
+// The runs src[0 .. group) into channels c0 .. c0 + group of z (z points at channel c0).
+void interleave(float* z, int64_t C, const float* const* src, int64_t group, int64_t len) {
+  switch (group) {
+    case 2: return interleave_group<2>(z, C, src, len);
+    case 4: return interleave_group<4>(z, C, src, len);
+    case 8: return interleave_group<8>(z, C, src, len);
+    case 16: return interleave_group<16>(z, C, src, len);
+    default:
+      for (int64_t c = 0; c < group; ++c)
+        for (int64_t k = 0; k < len; ++k) z[k * C + c] = src[c][k];
+  }
+}
+
 // The noise of a tile in memory order: z[(p - p0) * C + c] = z(e = c * P + p).
 void tile_noise(const Problem& pr, const Tile& t, uint64_t seed, uint32_t s, int64_t offset,
                 float* z, float* run) {
@@ -294,11 +325,19 @@ void tile_noise(const Problem& pr, const Tile& t, uint64_t seed, uint32_t s, int
     fill_normals(z, static_cast<uint32_t>(t.p0 / 4), (len + 3) / 4, n, s, seed);
     return;
   }
-  for (int64_t c = 0; c < C; ++c) {
-    const int64_t e0 = c * P + t.p0, block0 = e0 / 4;
-    fill_normals(run, static_cast<uint32_t>(block0), (e0 + len + 3) / 4 - block0, n, s, seed);
-    const float* src = run + (e0 - 4 * block0);
-    for (int64_t k = 0; k < len; ++k) z[k * C + c] = src[k];
+  // each channel's run of logical elements c * P + [p0, p1) (from the Philox block holding its
+  // first), then the runs interleaved into memory order
+  const int64_t stride = len + 8;
+  const float* src[kMaxInterleave];
+  for (int64_t c0 = 0; c0 < C; c0 += kMaxInterleave) {
+    const int64_t group = std::min<int64_t>(C - c0, kMaxInterleave);
+    for (int64_t c = 0; c < group; ++c) {
+      const int64_t e0 = (c0 + c) * P + t.p0, block0 = e0 / 4;
+      float* r = run + c * stride;
+      fill_normals(r, static_cast<uint32_t>(block0), (e0 + len + 3) / 4 - block0, n, s, seed);
+      src[c] = r + (e0 - 4 * block0);
+    }
+    interleave(z + c0, C, src, group, len);
   }
 }
 
@@ -423,7 +462,8 @@ bool for_each_tile(const Problem& pr, bool noise, uint64_t seed, uint32_t s,
   bool any = false;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<float> z(tp * C + 4, 0.0f), run(noise && C > 1 ? tp + 8 : 0);
+    std::vector<float> z(tp * C + 4, 0.0f);
+    std::vector<float> run(noise && C > 1 ? std::min<int64_t>(C, kMaxInterleave) * (tp + 8) : 0);
 #pragma omp for schedule(static) reduction(|| : any)
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t j = i % tiles_per_sample;

@@ -46,6 +46,10 @@ def empty(shape, dtype, device, channels_last):
         # (interpreted: 2 per sample of 1024 positions, the second partial)
         ((2, 16, 4, 6), True, 4, 3, 1, 1.5),
         ((1, 4, 40, 40), True, 9, 0, 3, 1.0),
+        # channels_last, more channels than the CPU kernel interleaves at once (16): 16 + 4,
+        # and twice 16 into a wider row
+        ((2, 20, 4, 6), True, 6, 0, 1, 1.0),
+        ((1, 32, 4, 4), True, 8, 2, 0, 1.0),
     ],
 )
 def test_matches_spec(backend, shape, channels_last, seed, offset, step_, scale):
@@ -92,7 +96,8 @@ def test_16_bit_outputs_round_once(backend, dtype, shape, channels_last):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize(
-    "shape, channels_last", [((3, 5, 7, 11), False), ((2, 6, 4, 3), True), ((2, 8, 4, 6), True)]
+    "shape, channels_last",
+    [((3, 5, 7, 11), False), ((2, 6, 4, 3), True), ((2, 8, 4, 6), True), ((1, 20, 4, 6), True)],
 )
 def test_equals_the_step_ops_noise(backend, dtype, shape, channels_last):
     """gaussian_ at step r + 1 is, bit for bit, the z that the same backend's step op adds at
