@@ -43,7 +43,11 @@ SHAPES = {
         ((256, 3, 32, 32), torch.float32, False),
         ((64, 16, 256, 256), torch.float32, False),
     ],
-    "cpu": [((64, 4, 64, 64), torch.float32, False), ((16, 3, 256, 256), torch.float32, False)],
+    "cpu": [
+        ((64, 4, 64, 64), torch.float32, False),
+        ((16, 3, 256, 256), torch.float32, False),
+        ((64, 4, 64, 64), torch.float32, True),
+    ],
 }
 QUICK_CPU_SHAPES = 1  # --quick on a CPU: the first shape only
 GRAPH_STEPS = 256  # at most this many steps in one captured graph
