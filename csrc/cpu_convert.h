@@ -20,22 +20,30 @@
 
 namespace fastdiff {
 
-// Whether the CPU kernels may take their x86 intrinsics paths (F16C conversions, the AVX2
-// Philox) where the CPU has the instructions. FASTDIFF_CPU_KERNELS=portable makes them run the
-// portable loops that every other CPU (aarch64, x86 without AVX2) runs, e.g. to test those
-// loops; they give the same bits. Read once: each op's entry calls it first, so that a bad
-// value is reported there (an exception must not leave an OpenMP region).
-inline bool cpu_intrinsics_allowed() {
-  static const bool yes = [] {
+// FASTDIFF_CPU_KERNELS: unset (the widest x86 intrinsics paths the CPU has: F16C conversions,
+// the AVX-512 or AVX2 Philox), "avx2" (no AVX-512 path: what an AVX2-only CPU runs) or
+// "portable" (the portable loops that every other CPU, aarch64 or x86 without AVX2, runs), e.g.
+// to test those paths on one machine; all give the same bits. Read once: each op's entry calls
+// cpu_intrinsics_allowed first, so that a bad value is reported there (an exception must not
+// leave an OpenMP region).
+inline const std::string& cpu_kernels_choice() {
+  static const std::string choice = [] {
     const char* v = std::getenv("FASTDIFF_CPU_KERNELS");
-    const std::string choice = v ? v : "";
-    TORCH_CHECK(choice.empty() || choice == "portable",
-                "FASTDIFF_CPU_KERNELS must be unset or \"portable\" (the portable loops instead "
-                "of the F16C and AVX2 paths), got \"", choice, "\"");
-    return choice.empty();
+    const std::string c = v ? v : "";
+    TORCH_CHECK(c.empty() || c == "avx2" || c == "portable",
+                "FASTDIFF_CPU_KERNELS must be unset, \"avx2\" (no AVX-512 paths) or \"portable\" "
+                "(the portable loops instead of the F16C and AVX2/AVX-512 paths), got \"", c,
+                "\"");
+    return c;
   }();
-  return yes;
+  return choice;
 }
+
+// Whether the CPU kernels may take their x86 intrinsics paths where the CPU has them.
+inline bool cpu_intrinsics_allowed() { return cpu_kernels_choice() != "portable"; }
+
+// Whether they may take the AVX-512 ones.
+inline bool cpu_avx512_allowed() { return cpu_kernels_choice().empty(); }
 
 #ifdef FASTDIFF_F16C
 inline bool has_f16c() {

@@ -180,19 +180,24 @@ namespace {
 constexpr int kChunk = 64;  // Philox blocks per stage of fill_normals
 
 #ifdef FASTDIFF_PHILOX_AVX2
-// The Philox words of blocks block0 .. block0 + kChunk - 1 (mod 2^32) into w[k][j], with AVX2
-// intrinsics: each 32-bit word in a 64-bit lane, so a round's two 32x32 -> 64 products are one
-// vpmuludq each, and two vectors of 4 blocks in flight. Vectorised from philox4x32_10, GCC
-// multiplies the 64-bit lanes by the constants with shift-and-add chains instead: 2.5x slower.
-__attribute__((target("avx2"))) void chunk_words_avx2(uint32_t (*w)[kChunk], uint32_t block0,
-                                                       uint32_t n, uint32_t s, uint64_t seed) {
-  uint32_t k0[10], k1[10];  // the key of each round (the same for every block)
+// The key of each Philox round (the same for every block).
+void round_keys(uint64_t seed, uint32_t (&k0)[10], uint32_t (&k1)[10]) {
   k0[0] = static_cast<uint32_t>(seed);
   k1[0] = static_cast<uint32_t>(seed >> 32);
   for (int i = 1; i < 10; ++i) {
     k0[i] = k0[i - 1] + philox::kW0;
     k1[i] = k1[i - 1] + philox::kW1;
   }
+}
+
+// The Philox words of blocks block0 .. block0 + kChunk - 1 (mod 2^32) into w[k][j], with AVX2
+// intrinsics: each 32-bit word in a 64-bit lane, so a round's two 32x32 -> 64 products are one
+// vpmuludq each, and two vectors of 4 blocks in flight. Vectorised from philox4x32_10, GCC
+// multiplies the 64-bit lanes by the constants with shift-and-add chains instead: 2.5x slower.
+__attribute__((target("avx2"))) void chunk_words_avx2(uint32_t (*w)[kChunk], uint32_t block0,
+                                                       uint32_t n, uint32_t s, uint64_t seed) {
+  uint32_t k0[10], k1[10];
+  round_keys(seed, k0, k1);
   const __m256i m0 = _mm256_set1_epi64x(philox::kM0), m1 = _mm256_set1_epi64x(philox::kM1);
   const __m256i low = _mm256_set1_epi64x(0xFFFFFFFFll);
   const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // the lanes' low words
@@ -223,11 +228,54 @@ __attribute__((target("avx2"))) void chunk_words_avx2(uint32_t (*w)[kChunk], uin
   }
 }
 
-// Whether to take chunk_words_avx2: the CPU has AVX2 and FASTDIFF_CPU_KERNELS is not
-// "portable" (cpu_convert.h). Decided once.
-bool philox_avx2() {
-  static const bool use = __builtin_cpu_supports("avx2") && cpu_intrinsics_allowed();
-  return use;
+// The same words with AVX-512: 8 blocks per vector, two vectors in flight; vpmovqd keeps the
+// lanes' low words (gaussian_ ~20% faster than with the AVX2 words on the AMD EPYC).
+__attribute__((target("avx512f"))) void chunk_words_avx512(uint32_t (*w)[kChunk],
+                                                           uint32_t block0, uint32_t n,
+                                                           uint32_t s, uint64_t seed) {
+  uint32_t k0[10], k1[10];
+  round_keys(seed, k0, k1);
+  const __m512i m0 = _mm512_set1_epi64(philox::kM0), m1 = _mm512_set1_epi64(philox::kM1);
+  const __m512i low = _mm512_set1_epi64(0xFFFFFFFFll);
+  const __m512i first =
+      _mm512_add_epi64(_mm512_set1_epi64(block0), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int j = 0; j < kChunk; j += 16) {
+    __m512i c[2][4];
+    for (int u = 0; u < 2; ++u) {
+      c[u][0] = _mm512_and_si512(_mm512_add_epi64(first, _mm512_set1_epi64(j + 8 * u)), low);
+      c[u][1] = _mm512_set1_epi64(n);
+      c[u][2] = _mm512_set1_epi64(s);
+      c[u][3] = _mm512_setzero_si512();
+    }
+    for (int i = 0; i < 10; ++i) {
+      const __m512i key0 = _mm512_set1_epi64(k0[i]), key1 = _mm512_set1_epi64(k1[i]);
+      for (int u = 0; u < 2; ++u) {
+        const __m512i p0 = _mm512_mul_epu32(c[u][0], m0), p1 = _mm512_mul_epu32(c[u][2], m1);
+        c[u][0] = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p1, 32), c[u][1]), key0);
+        c[u][1] = p1;
+        c[u][2] = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p0, 32), c[u][3]), key1);
+        c[u][3] = p0;
+      }
+    }
+    for (int u = 0; u < 2; ++u)
+      for (int k = 0; k < 4; ++k)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[k][j + 8 * u]),
+                            _mm512_cvtepi64_epi32(c[u][k]));
+  }
+}
+
+enum class PhiloxPath { kPortable, kAvx2, kAvx512 };
+
+// The widest Philox path the CPU has and FASTDIFF_CPU_KERNELS allows (cpu_convert.h). Decided
+// once.
+PhiloxPath philox_path() {
+  static const PhiloxPath path = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && cpu_avx512_allowed()) return PhiloxPath::kAvx512;
+    if (__builtin_cpu_supports("avx2") && cpu_intrinsics_allowed()) return PhiloxPath::kAvx2;
+    return PhiloxPath::kPortable;
+  }();
+  return path;
 }
 #endif
 
@@ -240,17 +288,19 @@ void fill_normals(float* out, uint32_t block0, int64_t nblk, uint32_t n, uint32_
   alignas(64) uint32_t w[4][kChunk];
   alignas(64) float r[2][kChunk], sn[2][kChunk], cs[2][kChunk];
 #ifdef FASTDIFF_PHILOX_AVX2
-  const bool avx2 = philox_avx2();
+  const PhiloxPath path = philox_path();
+  const bool portable = path == PhiloxPath::kPortable;
 #else
-  const bool avx2 = false;
+  const bool portable = true;
 #endif
   for (int64_t j0 = 0; j0 < nblk; j0 += kChunk) {
     // past nblk: words of later blocks, never stored
     const uint32_t b0 = block0 + static_cast<uint32_t>(j0);
 #ifdef FASTDIFF_PHILOX_AVX2
-    if (avx2) chunk_words_avx2(w, b0, n, s, seed);
+    if (path == PhiloxPath::kAvx512) chunk_words_avx512(w, b0, n, s, seed);
+    if (path == PhiloxPath::kAvx2) chunk_words_avx2(w, b0, n, s, seed);
 #endif
-    if (!avx2) {
+    if (portable) {
 #pragma omp simd
       for (int j = 0; j < kChunk; ++j) {
         const philox::Words v = philox::block_words(seed, b0 + static_cast<uint32_t>(j), n, s);

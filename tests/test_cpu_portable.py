@@ -1,8 +1,9 @@
 """The C++ CPU kernels' portable loops, which every CPU without AVX2 and F16C (aarch64, older
-x86) runs, give the same bits as the intrinsics paths this machine takes: the AVX2 Philox words,
-and F16C's fp16 conversions (c10::Half's scalar ones round to nearest even too).
-FASTDIFF_CPU_KERNELS=portable forces the portable loops; it is read once per process, so each
-path runs in a subprocess."""
+x86) runs, and the AVX2 paths that an AVX2-only CPU runs, give the same bits as the intrinsics
+paths this machine takes: the AVX-512 (or AVX2) Philox words, and F16C's fp16 conversions
+(c10::Half's scalar ones round to nearest even too). FASTDIFF_CPU_KERNELS=portable forces the
+portable loops, =avx2 passes over the AVX-512 ones; it is read once per process, so each path
+runs in a subprocess."""
 
 import os
 import subprocess
@@ -75,14 +76,16 @@ def test_portable_loops_give_the_same_bits(tmp_path):
         if reason:
             pytest.skip(f"cpu: {reason}")
     results = []
-    for choice in (None, "portable"):
+    for choice in (None, "avx2", "portable"):
         proc, path = run(tmp_path, choice)
         assert proc.returncode == 0, proc.stderr
         results.append(torch.load(path))
-    default, portable = results
-    assert default.keys() == portable.keys() and len(default) == 1 + 6 + 6 * 5 + 4
-    for key, value in default.items():
-        assert torch.equal(bits(value), bits(portable[key])), key
+    default, *others = results
+    assert len(default) == 1 + 6 + 6 * 5 + 4
+    for other in others:
+        assert default.keys() == other.keys()
+        for key, value in default.items():
+            assert torch.equal(bits(value), bits(other[key])), key
     x_T = default["x_T"]
     ref = noise.randn_like_batch(
         NOISE_CASE["seed"], NOISE_CASE["step"], x_T.shape, sample_offset=NOISE_CASE["sample_offset"]
@@ -96,5 +99,7 @@ def test_bad_choice_is_an_error(tmp_path):
         pytest.skip(f"cpu: {reason}")
     proc, _ = run(tmp_path, "fast")
     assert proc.returncode != 0
-    assert 'FASTDIFF_CPU_KERNELS must be unset or "portable"' in proc.stderr
+    assert 'FASTDIFF_CPU_KERNELS must be unset, "avx2" (no AVX-512 paths) or "portable"' in (
+        proc.stderr
+    )
     assert 'got "fast"' in proc.stderr
