@@ -141,21 +141,22 @@ Problem check_step_inputs(const at::Tensor& x, const at::Tensor& y,
 // describes `out` as check_step_inputs describes x.
 Problem check_gaussian_inputs(const at::Tensor& out, int64_t step, int64_t sample_offset);
 
-// Whether a value of the state's dtype is NaN or infinite (all exponent bits set), from its
-// bits: branch-free, so a loop over a tile vectorises.
+// The exponent field of the state's dtype: a value is NaN or infinite exactly when all of these
+// bits are set (fp16: 5 exponent bits; bf16: 8, the fp32 exponent).
+template <typename T>
+constexpr uint32_t kExponentBits =
+    sizeof(T) == 4 ? 0x7f800000u : (std::is_same_v<T, c10::BFloat16> ? 0x7f80u : 0x7c00u);
+
+// The bits of a value of the state's dtype.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+
+// Whether a value of the state's dtype is NaN or infinite, from its bits.
 template <typename T>
 FASTDIFF_HD bool nonfinite_bits(T v) {
-  if constexpr (sizeof(T) == 4) {
-    uint32_t b;
-    memcpy(&b, &v, 4);
-    return (b & 0x7f800000u) == 0x7f800000u;
-  } else {
-    uint16_t b;
-    memcpy(&b, &v, 2);
-    // fp16: 5 exponent bits; bf16: 8 (the fp32 exponent)
-    constexpr uint16_t kExp = std::is_same_v<T, c10::BFloat16> ? 0x7f80u : 0x7c00u;
-    return (b & kExp) == kExp;
-  }
+  Bits<T> b;
+  memcpy(&b, &v, sizeof b);
+  return (b & kExponentBits<T>) == kExponentBits<T>;
 }
 
 }  // namespace step
