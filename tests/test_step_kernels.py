@@ -147,19 +147,20 @@ def unit_noise_table(rows: int, dtype=torch.float64) -> torch.Tensor:
     return table
 
 
+# (shape, channels_last, seed, sample_offset, counter) of the noise tests
+NOISE_CASES = [
+    ((1, 1823), False, 0, 0, 0),
+    ((3, 5, 7, 11), False, 2**64 - 1, 2**32 - 3, 2**16 + 3),  # top seed and sample
+    ((3, 5, 7, 11), True, 2**63 + 12345, 17, 5),
+    ((2, 6, 4, 3), True, 1, 0, 9),
+    ((2, 3, 4, 8), True, 7, 2, 1),
+    ((2, 16, 4, 6), True, 3, 1, 2),
+    ((1, 4, 40, 40), True, 2**40 + 1, 5, 7),
+]
+
+
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize(
-    "shape, channels_last, seed, offset, counter",
-    [
-        ((1, 1823), False, 0, 0, 0),
-        ((3, 5, 7, 11), False, 2**64 - 1, 2**32 - 3, 2**16 + 3),  # top seed and sample
-        ((3, 5, 7, 11), True, 2**63 + 12345, 17, 5),
-        ((2, 6, 4, 3), True, 1, 0, 9),
-        ((2, 3, 4, 8), True, 7, 2, 1),
-        ((2, 16, 4, 6), True, 3, 1, 2),
-        ((1, 4, 40, 40), True, 2**40 + 1, 5, 7),
-    ],
-)
+@pytest.mark.parametrize("shape, channels_last, seed, offset, counter", NOISE_CASES)
 def test_noise_matches_spec(backend, shape, channels_last, seed, offset, counter):
     device = device_for(backend)
     require(backend, device)
