@@ -1,9 +1,12 @@
-"""The CUDA C++ kernels of fastdiff::step and fastdiff::gaussian_ (csrc/step_kernels.cuh) compiled
-for the host under tests/cuda_emulation.cpp (a thread per CUDA thread, a real barrier per
-__syncthreads, guard zones around every operand), against step_reference and noise.py: each
-kernel (vector, tile, block) on the layouts it takes, every sampler and dtype, one block looping
-over the whole grid, unaligned operands. This checks the kernels' indexing where no GPU is at
-hand; on a GPU test_step_kernels.py runs the real ones (the `cuda` backend)."""
+"""The CUDA C++ kernels of fastdiff::step, fastdiff::gaussian_ (csrc/step_kernels.cuh) and
+fastdiff::group_norm_silu_fwd (csrc/group_norm_silu_kernels.cuh) compiled for the host under
+tests/cuda_emulation.cpp (a thread per CUDA thread; real barriers for __syncthreads, warp shuffles
+and cluster.sync; the blocks of a cluster at once, reading each other's shared memory; guard
+zones around every operand), against the references: for the step, each kernel (vector, tile,
+block) on the layouts it takes, every sampler and dtype, one block looping over the whole grid,
+unaligned operands; for GroupNorm+SiLU, one block per group, clusters of 3 and 8 blocks, the
+two-launch path, every run length and conditioning. This checks the kernels' logic where no GPU
+is at hand; on a GPU test_step_kernels.py and test_group_norm_silu.py run the real ones."""
 
 import os
 import re
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_group_norm_silu import CONDITIONING, inputs, torch_group_norm_silu
 from test_step_kernels import (
     CASES,
     DTYPES,
@@ -22,9 +26,11 @@ from test_step_kernels import (
     randn,
     unit_noise_table,
 )
+from tolerance import assert_within_tolerance
 
 from fastdiff import noise
 from fastdiff.ops import step as step_ops
+from fastdiff.ops.group_norm_silu import group_norm_silu_reference
 from fastdiff.ops.step import step_reference
 from fastdiff.samplers import SAMPLERS, Col
 
@@ -328,3 +334,85 @@ def test_row_out_of_range_trips_the_device_assertion(emulation):
         RuntimeError, match=re.escape("device assertion `index >= 0 && index < a.rows`")
     ):
         run_step(emulation, torch.float32, x, x, None, x, x, table, torch.tensor(2), kernel="block")
+
+
+# GroupNorm+SiLU: (shape, groups, channels_last, clusters, offset, the plan's blocks per group)
+GN_CASES = {
+    "block-per-group": ((2, 32, 8, 8), 4, False, True, 0, 1),
+    "block-per-group-cl": ((2, 32, 8, 8), 4, True, True, 0, 1),
+    "cluster-3": ((1, 16, 24, 28), 1, False, True, 0, 3),
+    "cluster-3-cl": ((1, 16, 24, 28), 1, True, True, 0, 3),
+    "cluster-8": ((1, 16, 48, 48), 1, False, True, 0, 8),  # more runs per thread than cached
+    "cluster-8-cl": ((1, 16, 48, 48), 1, True, True, 0, 8),
+    "two-launch": ((1, 16, 48, 48), 1, False, False, 0, 9),
+    "two-launch-cl": ((1, 16, 48, 48), 1, True, False, 0, 9),
+    "odd-cluster-8": ((1, 60, 45, 47), 2, False, True, 0, 8),  # 2115 positions: runs of 1
+    "odd-two-launch-cl": ((1, 60, 45, 47), 2, True, False, 0, 16),  # 30 per group: runs of 2
+    "10-per-group-cl": ((1, 40, 8, 8), 4, True, True, 0, 1),  # SD1.5's: runs of 2
+    "20-per-group-cl": ((1, 80, 8, 8), 4, True, True, 0, 1),  # runs of 4
+    "unaligned-cluster-3": ((1, 16, 24, 28), 1, False, True, 1, 3),  # runs of 1
+    "unaligned-cl": ((2, 32, 8, 8), 4, True, True, 1, 1),
+}
+
+
+def expected_run(shape, groups, channels_last, offset, dtype) -> int:
+    """group_norm_silu_kernels.cuh's run_length."""
+    vector = 128 // torch.finfo(dtype).bits
+    if offset:
+        return 1
+    if not channels_last:
+        return vector if (shape[2] * shape[3]) % vector == 0 else 1
+    run = vector
+    while run > 1 and (shape[1] % run or (shape[1] // groups) % run):
+        run //= 2
+    return run
+
+
+def check_group_norm(emulation, name, dtype, conditioning):
+    shape, groups, channels_last, clusters, offset, splits = GN_CASES[name]
+    (x, _, w, b), cond = inputs(shape, groups, dtype, conditioning, channels_last)
+    out, (run, planned, _, cache) = emulation.group_norm_silu(
+        x,
+        groups,
+        w.float(),  # the op's affine parameters are fp32 (fastdiff.ops.group_norm_silu converts)
+        b.float(),
+        1e-5,
+        cond.get("scale_shift"),
+        cond.get("residual"),
+        clusters,
+        offset,
+    )
+    assert (planned, run) == (splits, expected_run(shape, groups, channels_last, offset, dtype))
+    assert (cache == 0) == (not clusters and splits > 1)  # the two-launch path
+    assert out.shape == x.shape and out.dtype == dtype and out.stride() == x.stride()
+    as64 = lambda t: t.double() if torch.is_tensor(t) else t
+    ref = group_norm_silu_reference(
+        as64(x), groups, as64(w), as64(b), **{k: as64(v) for k, v in cond.items()}
+    )
+    assert_within_tolerance(out, ref, torch_group_norm_silu(x, groups, w, b, **cond))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", sorted(GN_CASES))
+def test_group_norm_silu_plans(emulation, name, dtype):
+    """Each plan and run length against the fp64 reference, the conditionings taken in turn."""
+    conditioning = CONDITIONING[sorted(GN_CASES).index(name) % len(CONDITIONING)]
+    check_group_norm(emulation, name, dtype, conditioning)
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONING)
+@pytest.mark.parametrize("name", ["cluster-3-cl", "two-launch", "10-per-group-cl"])
+def test_group_norm_silu_conditioning(emulation, name, conditioning):
+    """Every conditioning (scale-shift, a per-channel residual loaded as vectors of channels, a
+    full residual) on a cluster, the two-launch path and short channels_last runs."""
+    check_group_norm(emulation, name, torch.float16, conditioning)
+
+
+def test_group_norm_silu_sample_is_independent_of_its_batch(emulation):
+    """The plan depends on the group's size only: a sample's output is the same bits whatever
+    the batch it is in, on the cluster path too."""
+    (x, groups, w, b), _ = inputs((3, 16, 24, 28), 1, torch.float32, "none", True)
+    whole, plan = emulation.group_norm_silu(x, groups, w, b, 1e-5, None, None, True, 0)
+    assert plan[1] == 3
+    one, _ = emulation.group_norm_silu(x[1:2], groups, w, b, 1e-5, None, None, True, 0)
+    assert torch.equal(one, whole[1:2])
