@@ -8,6 +8,7 @@ unaligned operands; for GroupNorm+SiLU, one block per group, clusters of 3 and 8
 two-launch path, every run length and conditioning. This checks the kernels' logic where no GPU
 is at hand; on a GPU test_step_kernels.py and test_group_norm_silu.py run the real ones."""
 
+import math
 import os
 import re
 import sys
@@ -65,9 +66,7 @@ def emulation():
 
 def kernel_for(shape, channels_last, dtype, noise_drawn=True) -> str:
     """The kernel step_cuda.cu launches for an aligned state (the rule of step_kernel_for)."""
-    per_sample = 1
-    for n in shape[1:]:
-        per_sample *= n
+    per_sample = math.prod(shape[1:])
     vector = 128 // torch.finfo(dtype).bits  # 16 bytes
     if not noise_drawn:  # one flat sample
         per_sample *= shape[0]
