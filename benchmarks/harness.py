@@ -340,7 +340,10 @@ def run_case(case: Case, ctx: Context, label: str) -> dict:
                 fn = c.setup()
                 t = ctx.measure(fn, per_call=c.per_call, warmup=c.warmup)
                 if ctx.profile and c.profile_steps:
-                    profiles[c.name] = profile_call(fn, ctx, c.profile_steps)
+                    try:
+                        profiles[c.name] = profile_call(fn, ctx, c.profile_steps)
+                    except Exception as e:  # the timing stands; the profile is an extra
+                        ctx.note(f"profile of {case.name} · {c.name} failed: {first_line(e)}")
         except Skip as e:
             results[c.name] = {"baseline": c.baseline, "skipped": str(e)}
             print(f"skipped: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import os
 import platform
 import subprocess
 import sys
@@ -34,14 +35,16 @@ def _version(module: str) -> str | None:
 
 
 def environment(probe: Probe) -> dict:
-    """Device, versions, commit and date: a figure without them is not a result."""
+    """Device, versions, commit and date: a figure without them is not a result. Where the tree
+    is no git checkout (a copy of it on another machine), FASTDIFF_COMMIT names the commit; the
+    tree is then not known to be clean ("dirty": None)."""
     status = _git("status", "--porcelain")
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     from fastdiff import _ext
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": _git("rev-parse", "HEAD") or os.environ.get("FASTDIFF_COMMIT"),
         "dirty": bool(status) if status is not None else None,
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "device": {
@@ -100,6 +103,8 @@ def markdown(name: str, title: str, section: dict, env: dict) -> str:
     ]
     if section.get("skipped"):
         return "\n".join([*lines, f"skipped: {section['skipped']}", ""])
+    if section.get("error"):
+        return "\n".join([*lines, f"ERROR setting up the section: {section['error']}", ""])
     lines += [
         "| case | baseline | fastdiff | ratio | fastdiff figure | % roofline |",
         "| --- | --- | --- | ---: | ---: | ---: |",

@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = report.stem(env, args.quick, args.only)
     result = {**env, "quick": args.quick, "sections": {}}
+    path = args.out / f"{name}.json"
+
+    def save() -> None:  # after every case: a run stopped part way keeps what it measured
+        result["wall_s"] = time.perf_counter() - started
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
     errors = 0
     for section, module in SECTIONS.items():
         if args.only and section not in args.only:
@@ -73,24 +79,28 @@ def main(argv: list[str] | None = None) -> int:
         title = (module.__doc__ or section).strip().splitlines()[0]
         ctx.notes = list(getattr(module, "NOTES", ()))
         t0 = time.perf_counter()
-        out: dict = {"title": title}
+        out: dict = {"title": title, "complete": False, "cases": []}
+        result["sections"][section] = out
         try:
             cases = module.cases(ctx)
         except Skip as e:
             out["skipped"] = str(e)
             cases = []
-        out["cases"] = [
-            run_case(c, ctx, f"[{section} {i + 1}/{len(cases)}]") for i, c in enumerate(cases)
-        ]
-        out["notes"], out["wall_s"] = ctx.notes, time.perf_counter() - t0
+        except Exception as e:  # a section that cannot set up must not cost the others
+            out["error"] = f"{type(e).__name__}: {e}"
+            print(f"[{section}] ERROR setting up: {out['error']}", file=sys.stderr)
+            errors += 1
+            cases = []
+        for i, c in enumerate(cases):
+            out["cases"].append(run_case(c, ctx, f"[{section} {i + 1}/{len(cases)}]"))
+            out["notes"], out["wall_s"] = ctx.notes, time.perf_counter() - t0
+            save()
+        out["notes"], out["wall_s"], out["complete"] = ctx.notes, time.perf_counter() - t0, True
         errors += sum("error" in r for c in out["cases"] for r in c["contenders"].values())
-        result["sections"][section] = out
+        save()
         print(report.markdown(section, title, out, env), flush=True)
         png = args.out / f"{name}-{section}.png"
         print(report.plot(section, title, out, env, png), file=sys.stderr)
-        result["wall_s"] = time.perf_counter() - started
-        path = args.out / f"{name}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n")  # after every section
     print(f"wrote {path} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if errors:
         print(f"{errors} contender(s) failed: see ERROR above", file=sys.stderr)

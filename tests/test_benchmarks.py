@@ -56,6 +56,7 @@ def test_every_case_has_raw_medians(run):
     assert list(result["sections"]) == SECTIONS
     for name, section in result["sections"].items():
         assert section["title"] and not section.get("skipped"), name
+        assert section["complete"] is True, name
         assert section["cases"], name
         for case in section["cases"]:
             timed = 0
@@ -89,3 +90,33 @@ def test_prints_a_table_and_plots_each_section(run):
         assert f"### {name}: " in stdout
         assert path.with_name(f"{path.stem}-{name}.png").stat().st_size > 0
     assert stdout.count("| case | baseline | fastdiff | ratio |") == len(SECTIONS)
+
+
+def test_a_section_that_cannot_set_up_costs_only_itself(tmp_path, monkeypatch):
+    """A section whose cases() raises is recorded with its error (and the run fails), the
+    sections after it still run, and the JSON is written as the run goes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import run as bench
+
+    class Broken:
+        """cannot set up"""
+
+        @staticmethod
+        def cases(ctx):
+            raise RuntimeError("no such device")
+
+    class Empty:
+        """nothing to time"""
+
+        @staticmethod
+        def cases(ctx):
+            return []
+
+    monkeypatch.setattr(bench, "SECTIONS", {"broken": Broken, "empty": Empty})
+    args = ["--quick", "--device", "cpu", "--no-profile", "--out", str(tmp_path)]
+    assert bench.main(args) == 1
+    [path] = tmp_path.glob("*.json")
+    sections = json.loads(path.read_text())["sections"]
+    assert sections["broken"]["error"] == "RuntimeError: no such device"
+    assert sections["broken"]["cases"] == [] and sections["empty"]["complete"] is True

@@ -201,7 +201,12 @@ def _graph(call, name, sets):
             body()
     except RuntimeError as e:
         raise Skip(f"{name} cannot be captured in a CUDA graph: {first_line(e)}") from e
-    return graph.replay
+
+    def replay():  # holds the sets: the graph reads and writes their memory at every replay
+        graph.replay()
+        return sets
+
+    return replay
 
 
 def _diffusers(ctx, sampler, steps, options, sets):

@@ -109,8 +109,10 @@ def _call(model, x, t, context=None):
 
 
 def _channels_last(model, kw):
+    """A channels_last copy of the model (Module.to converts in place: the cached model the
+    other contenders and cases share stays NCHW) and its input."""
     x = kw["x"].contiguous(memory_format=torch.channels_last)
-    return model.to(memory_format=torch.channels_last), dict(kw, x=x)
+    return copy.deepcopy(model).to(memory_format=torch.channels_last), dict(kw, x=x)
 
 
 def _bind(fn, model, kw):
