@@ -27,8 +27,9 @@ NVCC_FLAGS = ["-O3"]
 
 def find_cuda_home() -> str | None:
     """The real toolkit root. The `nvcc` on PATH may be a wrapper script, so ask nvcc itself:
-    `--dryrun` prints `#$ TOP=<root>/bin/..` whatever symlink or script launched it."""
-    nvcc = shutil.which("nvcc")
+    `--dryrun` prints `#$ TOP=<root>/bin/..` whatever symlink or script launched it. Without
+    nvcc on PATH, the toolkit's usual place, /usr/local/cuda."""
+    nvcc = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")
     if os.environ.get("CUDA_HOME") or nvcc is None:
         return os.environ.get("CUDA_HOME")
     cmd = [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull]

@@ -291,11 +291,14 @@ def _capture(one_step, x, stochastic: bool, state: list[torch.Tensor], required:
     torch.cuda.current_stream(x.device).wait_stream(side)
     restore()
     cuda_graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.current_stream(x.device)
     try:
         with torch.cuda.graph(cuda_graph):
             out, x0 = one_step(static_x, stochastic)
             static_x.copy_(out)
     except Exception as e:  # any failure to capture: a sync, a CPU op, an uncapturable kernel
+        # torch.cuda.graph leaves its capture stream current when ending the capture raises
+        torch.cuda.set_stream(stream)
         if required:
             raise RuntimeError(
                 f"cuda_graph=True: capturing the sampling step failed ({e}); the model must be "

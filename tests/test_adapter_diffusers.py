@@ -19,6 +19,8 @@ from fastdiff.adapters.diffusers import (
 )
 from fastdiff.ops import use
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 
 def unet2d(time_scale_shift="default"):
     torch.manual_seed(0)

@@ -11,6 +11,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fastdiff.ops import use
 from fastdiff.ops.attention import ATTENTION, attention, attention_reference
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW = [torch.float16, torch.bfloat16]
 

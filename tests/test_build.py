@@ -12,6 +12,8 @@ import torch
 from fastdiff import _ext
 from fastdiff.ops import _library
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -32,6 +32,8 @@ from fastdiff.export.onnx import example_inputs  # noqa: E402
 from fastdiff.export.tensorrt import check_in_profile  # noqa: E402
 from fastdiff.models.unet import UNet  # noqa: E402
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 ATOL = 1e-4
 
 

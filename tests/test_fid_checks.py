@@ -23,10 +23,13 @@ from fastdiff.models import UNet
 from fastdiff.ops.step import step_op
 from fastdiff.samplers import build_plan
 
-pytestmark = pytest.mark.skipif(
-    not DEFAULT_MODEL.is_file(),
-    reason=f"the embedded model {DEFAULT_MODEL} is not there (made by training)",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not DEFAULT_MODEL.is_file(),
+        reason=f"the embedded model {DEFAULT_MODEL} is not there (made by training)",
+    ),
+]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 500  # samples per FID: 10 steps of the digits UNet on 2 CPU cores take ~5-20 s
@@ -48,6 +51,13 @@ DDPM_1000_FID = 7.898
 # the seed-to-seed spread. The margin is 1.5 spreads; DDIM at 10 steps (12.50 on samples 0-499)
 # is outside it.
 MARGIN = 1.5 * SEED_SPREAD
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32(monkeypatch):
+    """fp32 convolutions in fp32 on a GPU too (cuDNN's default there is TF32; matmuls already
+    default to fp32): the golden values were made on the CPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 @functools.cache

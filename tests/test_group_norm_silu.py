@@ -15,6 +15,8 @@ from fastdiff.ops.group_norm_silu import (
     group_norm_silu_reference,
 )
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["cuda", "triton"] if DEVICE == "cuda" else ["triton", "cpu"]
 CONDITIONING = ["none", "scale_shift", "temb", "residual"]

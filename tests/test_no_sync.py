@@ -13,6 +13,8 @@ import torch
 import fastdiff
 from fastdiff.ops.step import step_op
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 SYNCING = (
     "item",
     "tolist",
@@ -109,12 +111,13 @@ def test_counter_sees_a_sync(monkeypatch):
 def test_cuda_loop_does_not_synchronize(cuda_graph):
     """torch's sync debug mode warns at every synchronizing CUDA call: the sampling loop makes
     exactly one (reading the non-finite flag after the loop). With a graph, the model runs
-    twice in Python (warm-up, capture; capturing synchronizes once before): counting starts at
-    the captured call, so the replays are what is counted."""
+    three times in Python (row 0 eagerly, the warm-up, the capture; torch.cuda.graph
+    synchronizes before capturing): counting starts at the captured call, so the replays are
+    what is counted (a sync inside the capture would fail it)."""
     model_calls = []
 
     def model(x, t, **cond):
-        if len(model_calls) == int(cuda_graph):
+        if len(model_calls) == 2 * int(cuda_graph):
             torch.cuda.set_sync_debug_mode("warn")  # from the loop's start on
         model_calls.append(1)
         return toy(x, t, **cond)

@@ -10,6 +10,8 @@ from scipy import stats
 from fastdiff import noise
 from fastdiff.noise import box_muller, gaussian, philox4x32_10, philox_key, randn_like_batch
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 if not torch.cuda.is_available():  # DESIGN.md: without a GPU, Triton runs under its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 try:

@@ -15,6 +15,8 @@ from fastdiff.ops.noise import gaussian_, gaussian_op, gaussian_reference
 from fastdiff.ops.step import step
 from fastdiff.samplers import NCOEF, Col
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 FUSED = ["cuda", "cpu", "triton"]
 NOISE_ATOL = 1e-6  # noise.py: fp32 noise of two correct backends agrees to 1e-6
 

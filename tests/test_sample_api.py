@@ -11,6 +11,8 @@ import fastdiff
 from fastdiff.ops import noise as noise_ops
 from fastdiff.ops.step import step_op
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 SD = fastdiff.Schedule.stable_diffusion()
 
 
@@ -213,7 +215,8 @@ def test_non_finite_values_name_the_step(backend):
             y[0, 0, 1, 2] = float("nan")
         return y
 
-    kw = dict(steps=5, schedule=SD, backend=backend)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    kw = dict(steps=5, schedule=SD, backend=backend, device=device)
     with pytest.raises(FloatingPointError, match="first appeared at step 2 of 5"):
         fastdiff.sample(model, (2, 1, 3, 3), sampler="euler", **kw)
     # DDIM on an x0 model that predicts x0 = 100 x: the state grows ~100x per step (fp16 ends at

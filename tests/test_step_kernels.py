@@ -18,6 +18,8 @@ from fastdiff.ops.step import step, step_op, step_reference
 from fastdiff.samplers import NCOEF, SAMPLERS, Col, build_plan
 from fastdiff.schedules import Schedule
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 FUSED = ["cuda", "cpu", "triton"]
 EXTENSION = ["cuda", "cpu"]  # the backends of torch.ops.fastdiff.step
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -246,31 +248,33 @@ def test_triton_tiles():
     pytest.importorskip("triton")
     from fastdiff.kernels import step as kernels
 
-    cl = lambda shape, dtype: torch.zeros(shape, dtype=dtype).contiguous(
+    dev = device_for("triton")  # compiled Triton takes CUDA tensors only
+    cl = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=dev).contiguous(
         memory_format=torch.channels_last
     )
     tile = lambda x, **kw: int(kernels._layout(x, None, **kw)[1]["constexprs"]["LAYOUT"])
     MEMORY, GATHER, TRANSPOSE = 0, 1, 2
-    assert tile(torch.zeros(2, 4, 6, 8)) == MEMORY
+    assert tile(torch.zeros(2, 4, 6, 8, device=dev)) == MEMORY
     assert tile(cl((2, 4, 6, 8), torch.float32)) == TRANSPOSE
     assert tile(cl((2, 4, 6, 8), torch.float16)) == TRANSPOSE
     assert tile(cl((2, 4, 6, 6), torch.float32)) == TRANSPOSE  # 36 positions: rows of 4
     assert tile(cl((2, 4, 6, 6), torch.float16)) == GATHER  # but not of 8
     assert tile(cl((3, 5, 7, 11), torch.float32)) == GATHER  # 5 channels
     assert tile(cl((3, 5, 7, 11), torch.float32), flat=True) == MEMORY  # no noise
-    table = unit_noise_table(3).float()
+    table = unit_noise_table(3).float().to(dev)
     for shape, dtype in [((2, 4, 6, 8), torch.float32), ((2, 4, 6, 8), torch.float16)]:
         x = cl(shape, dtype)
         outs = []
         for block in (None, 64, 128):  # 16 or 32 positions per program: 3 or 2 per sample
-            args = (x, x, None, None, None, table, torch.tensor(2))
+            args = (x, x, None, None, None, table, torch.tensor(2, device=dev))
             kw = dict(seed=9, sample_offset=1, guidance=1.0, clamp=None, stochastic=True)
             outs.append(kernels.step(*args, **kw, block=block))
             noise_out = kernels.gaussian_(torch.empty_like(x), 9, 3, 1, 1.0, block=block)
             assert torch.equal(noise_out, outs[-1])
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
         z = noise.randn_like_batch(9, 3, shape, sample_offset=1)
-        torch.testing.assert_close(outs[0].float(), z.to(dtype).float(), atol=NOISE_ATOL, rtol=0)
+        out = outs[0].float().cpu()
+        torch.testing.assert_close(out, z.to(dtype).float(), atol=NOISE_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -685,12 +689,15 @@ def test_cuda_graph_auto_falls_back_for_uncapturable_models():
     def syncing(x, t):
         return x * float(t[0]) / 1000  # .item(): a host sync, not capturable
 
+    stream = torch.cuda.current_stream()
     with pytest.warns(RuntimeWarning, match="sampling eagerly"):
         auto = fastdiff.sample(syncing, (1, 4, 8, 8), steps=3, device="cuda", cuda_graph="auto")
+    assert torch.cuda.current_stream() == stream  # not the failed capture's stream
     eager = fastdiff.sample(syncing, (1, 4, 8, 8), steps=3, device="cuda")
     torch.testing.assert_close(auto, eager, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="capturing the sampling step failed"):
         fastdiff.sample(syncing, (1, 4, 8, 8), steps=3, device="cuda", cuda_graph=True)
+    assert torch.cuda.current_stream() == stream
 
 
 @needs_cuda

@@ -16,6 +16,8 @@ from fastdiff.ops.step import step, step_op
 from fastdiff.samplers import build_plan
 from fastdiff.schedules import Schedule
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 THREADS = (1, 2, 3)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # more than 2**15 elements (the kernels' threshold for threads); 3x5x47x53 leaves partial tiles

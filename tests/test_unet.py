@@ -18,6 +18,8 @@ from fastdiff.models.convert import config_from_diffusers, state_dict_from_diffu
 from fastdiff.ops import use
 from fastdiff.ops._dispatch import triton_devices, triton_ready
 
+pytestmark = pytest.mark.gpu  # scripts/gpu_check.sh's test phase
+
 # google/ddpm-cifar10-32's config.json (UNet2DModel)
 DDPM_CIFAR10 = dict(
     sample_size=32,
