@@ -5,7 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
+# one version of each (two stop the install there): the folder is made afresh, the versions pinned
+# to those the tests run with here
+rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl \
-    diffusers==0.42.1 importlib_metadata lazy-importer pytorch-fid clean-fid
+    --implementation cp --platform manylinux2014_x86_64 -d .whl \
+    diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 pytorch-fid==0.3.0 \
+    clean-fid==0.1.35
 ls -l .whl
