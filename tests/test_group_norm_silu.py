@@ -266,3 +266,18 @@ def test_gradients(conditioning):
     expected = torch.autograd.grad(torch_group_norm_silu(*args, **cond), tensors, grad)
     for a, e in zip(ours, expected):
         torch.testing.assert_close(a, e)
+
+
+def test_triton_refuses_tensors_beyond_32_bit_offsets():
+    """The Triton kernels' offsets are 32-bit: a tensor of 2^31 elements is refused (named),
+    one element fewer is not (meta tensors: no memory)."""
+    import importlib
+
+    attention = importlib.import_module("fastdiff.ops.attention")  # the modules, not the ops
+    group_norm_silu = importlib.import_module("fastdiff.ops.group_norm_silu")
+    big = torch.empty(2, 64, 2**12, 2**12, device="meta")
+    assert "2147483648 elements" in group_norm_silu._triton_check(big, 32)[0]
+    assert group_norm_silu._triton_check(big[:, :63], 32) == []
+    q = torch.empty(1, 8, 2**20, 256, device="meta", dtype=torch.float16)
+    assert "2^31 or more" in attention._triton_check(q, q[:, :, :16], q[:, :, :16])[-1]
+    assert attention._triton_check(q[:, :7], q[:, :, :16], q[:, :, :16]) == []

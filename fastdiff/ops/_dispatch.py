@@ -143,6 +143,15 @@ def triton_devices() -> tuple[str, ...]:
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
 
+def beyond_32_bit_offsets(*tensors: torch.Tensor | None) -> list[str]:
+    """Why a Triton kernel whose offsets are 32-bit products (of program ids and strides that
+    fit in 32 bits) cannot take these tensors: one of 2^31 elements or more."""
+    big = max((t.numel() for t in tensors if t is not None), default=0)
+    if big < 2**31:
+        return []
+    return [f"a tensor of {big} elements (2^31 or more; the Triton kernel's offsets are 32-bit)"]
+
+
 def triton_backend(
     fn: Callable,
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops._dispatch import Backend, Op, triton_backend
+from fastdiff.ops._dispatch import Backend, Op, beyond_32_bit_offsets, triton_backend
 
 MAX_HEAD_DIM = 256
 
@@ -64,7 +64,7 @@ def _triton_check(q, k=None, v=None, scale=None) -> list[str]:
         reasons.append(f"head dim {head_dim} > {MAX_HEAD_DIM}")
     if k is not None and k.shape[-2] == 0:
         reasons.append("no keys (Lkv = 0)")
-    return reasons
+    return reasons + beyond_32_bit_offsets(q, k, v)
 
 
 def _triton_by_name_only(q, k, v, scale) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops._dispatch import Op, extension_backend, triton_backend
+from fastdiff.ops._dispatch import Op, beyond_32_bit_offsets, extension_backend, triton_backend
 
 # TARGETS.md shapes (B, C, H, W) with 32 groups, for benchmarks/run.py (GB/s: 2 x numel x itemsize
 # is the byte floor: read x once, write once)
@@ -128,7 +128,7 @@ def _triton_check(
 ) -> list[str]:
     if not all(_flattens(t) for t in (x, residual) if t is not None and t.dim() > 2):
         return ["x or residual has spatial dims that do not merge into one axis; use .contiguous()"]
-    return []
+    return beyond_32_bit_offsets(x, residual)
 
 
 def _triton_group_norm_silu(x, num_groups, weight, bias, eps, scale_shift, residual):
