@@ -32,16 +32,20 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _load_tile(
     x_base, r_base, c0, s0, CPG, S, sxc, sxs, src, srs,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     offs_c = c0 + tl.arange(0, BLOCK_C)
     offs_s = s0 + tl.arange(0, BLOCK_S)
     mask = (offs_c[:, None] < CPG) & (offs_s[None, :] < S)
     h = tl.load(x_base + offs_c[:, None] * sxc + offs_s[None, :] * sxs, mask=mask, other=0.0)
     h = h.to(tl.float32)
-    if HAS_RESIDUAL:
+    if RESIDUAL == 1:
         r = tl.load(r_base + offs_c[:, None] * src + offs_s[None, :] * srs, mask=mask, other=0.0)
         h += r.to(tl.float32)
+    elif RESIDUAL == 2:
+        # (B, C): one value per channel, broadcast over the positions (masked ones stay 0)
+        r = tl.load(r_base + offs_c * src, mask=offs_c < CPG, other=0.0)
+        h = tl.where(mask, h + r.to(tl.float32)[:, None], 0.0)
     return h, mask
 
 
@@ -69,7 +73,7 @@ def _write_tile(
 def _slice_pass(
     x_base, r_base, w_base, b_base, ss_base, y_base, mean_in, rstd, s_lo, s_hi, C, CPG,
     sxc, sxs, src, srs, ssc, syc, sys,
-    HAS_RESIDUAL: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, WRITE: tl.constexpr,
 ):  # fmt: skip
     """One pass, tile by tile, over positions [s_lo, s_hi) of a group's channels: WRITE the
@@ -81,7 +85,7 @@ def _slice_pass(
         for s0 in range(s_lo, s_hi, BLOCK_S):
             h, mask = _load_tile(
                 x_base, r_base, c0, s0, CPG, s_hi, sxc, sxs, src, srs,
-                HAS_RESIDUAL, BLOCK_C, BLOCK_S,
+                RESIDUAL, BLOCK_C, BLOCK_S,
             )  # fmt: skip
             if WRITE:
                 _write_tile(
@@ -127,7 +131,7 @@ def group_norm_silu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, ss_ptr, r_ptr, y_ptr,
     sxb, sxc, sxs, srb, src, srs, ssb, ssc, syb, syc, sys,
     C, S, G, CPG, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
     """One program per (batch, group)."""
@@ -137,7 +141,7 @@ def group_norm_silu_fwd_kernel(
     )  # fmt: skip
     if ONE_TILE:
         h, mask = _load_tile(
-            x_base, r_base, 0, 0, CPG, S, sxc, sxs, src, srs, HAS_RESIDUAL, BLOCK_C, BLOCK_S
+            x_base, r_base, 0, 0, CPG, S, sxc, sxs, src, srs, RESIDUAL, BLOCK_C, BLOCK_S
         )
         n = tl.sum(tl.sum(mask.to(tl.float32), 1), 0)
         mean = tl.sum(tl.sum(h, 1), 0) / n
@@ -151,13 +155,13 @@ def group_norm_silu_fwd_kernel(
     else:
         count, mean, m2 = _slice_pass(
             x_base, r_base, w_base, b_base, ss_base, y_base, 0.0, 0.0, 0, S, C, CPG,
-            sxc, sxs, src, srs, ssc, syc, sys, HAS_RESIDUAL, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
+            sxc, sxs, src, srs, ssc, syc, sys, RESIDUAL, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
             False,
         )  # fmt: skip
         rstd = 1.0 / tl.sqrt(m2 / count + eps)
         _slice_pass(
             x_base, r_base, w_base, b_base, ss_base, y_base, mean, rstd, 0, S, C, CPG,
-            sxc, sxs, src, srs, ssc, syc, sys, HAS_RESIDUAL, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
+            sxc, sxs, src, srs, ssc, syc, sys, RESIDUAL, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
             True,
         )  # fmt: skip
 
@@ -170,7 +174,7 @@ def group_norm_silu_fwd_kernel(
 @triton.jit
 def group_norm_silu_stats_kernel(
     x_ptr, r_ptr, part_ptr, sxb, sxc, sxs, srb, src, srs, S, G, CPG, SLICE,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     pid, split = tl.program_id(0), tl.program_id(1)
     x_base, r_base, _, _, _, _ = _group_bases(
@@ -180,7 +184,7 @@ def group_norm_silu_stats_kernel(
     s_hi = tl.minimum(s_lo + SLICE, S)
     count, mean, m2 = _slice_pass(
         x_base, r_base, x_ptr, x_ptr, x_ptr, x_ptr, 0.0, 0.0, s_lo, s_hi, 0, CPG,
-        sxc, sxs, src, srs, 0, 0, 0, HAS_RESIDUAL, False, BLOCK_C, BLOCK_S, False,
+        sxc, sxs, src, srs, 0, 0, 0, RESIDUAL, False, BLOCK_C, BLOCK_S, False,
     )  # fmt: skip
     out = part_ptr + (pid * tl.num_programs(1) + split) * 3
     tl.store(out, count)
@@ -193,7 +197,7 @@ def group_norm_silu_apply_kernel(
     x_ptr, w_ptr, b_ptr, ss_ptr, r_ptr, y_ptr, part_ptr,
     sxb, sxc, sxs, srb, src, srs, ssb, ssc, syb, syc, sys,
     C, S, G, CPG, SLICE, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):  # fmt: skip
     pid, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
@@ -216,7 +220,7 @@ def group_norm_silu_apply_kernel(
     s_hi = tl.minimum(s_lo + SLICE, S)
     _slice_pass(
         x_base, r_base, w_base, b_base, ss_base, y_base, mean, rstd, s_lo, s_hi, C, CPG,
-        sxc, sxs, src, srs, ssc, syc, sys, HAS_RESIDUAL, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
+        sxc, sxs, src, srs, ssc, syc, sys, RESIDUAL, HAS_SCALE_SHIFT, BLOCK_C, BLOCK_S,
         True,
     )  # fmt: skip
 
@@ -260,18 +264,19 @@ def group_norm_silu_fwd(
         return y
     x3, y3 = x.view(B, C, -1), y.view(B, C, -1)
     S = x3.shape[2]
+    # RESIDUAL: 0 none, 1 x-shaped, 2 (B, C) (read once per channel, not per position)
     if residual is None:
-        r_strides = (0, 0, 0)
+        kind, r_strides = 0, (0, 0, 0)
     elif residual.dim() == 2:
-        r_strides = (*residual.stride(), 0)
+        kind, r_strides = 2, (*residual.stride(), 0)
     else:
-        r_strides = residual.view(B, C, -1).stride()
+        kind, r_strides = 1, residual.view(B, C, -1).stride()
     ss_strides = (0, 0) if scale_shift is None else scale_shift.stride()
     ss = x if scale_shift is None else scale_shift
     r = x if residual is None else residual
     cpg = C // num_groups
     cfg = launch_config(cpg, S, INTERPRET)
-    flags = dict(HAS_RESIDUAL=residual is not None, HAS_SCALE_SHIFT=scale_shift is not None)
+    flags = dict(RESIDUAL=kind, HAS_SCALE_SHIFT=scale_shift is not None)
     programs = B * num_groups
     splits, per_split = split_positions(cpg * S, S, cfg["BLOCK_C"], cfg["BLOCK_S"])
     if cfg["ONE_TILE"] or splits == 1:
@@ -285,7 +290,7 @@ def group_norm_silu_fwd(
     tile = dict(BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
     group_norm_silu_stats_kernel[(programs, splits)](
         x, r, partial, *x3.stride(), *r_strides, S, num_groups, cpg, per_split,
-        HAS_RESIDUAL=residual is not None, **tile,
+        RESIDUAL=kind, **tile,
     )  # fmt: skip
     group_norm_silu_apply_kernel[(programs, splits)](
         x, weight, bias, ss, r, y, partial,

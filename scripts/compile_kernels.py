@@ -347,18 +347,25 @@ GROUP_NORM_SHAPES = [
 def group_norm_launches() -> Iterator[Launch]:
     from fastdiff.ops.group_norm_silu import GROUP_NORM_SILU
 
-    for i, (shape, groups) in enumerate(GROUP_NORM_SHAPES):
+    # every fused extra with every tile kind: scale-shift (ADM), an x-shaped residual, and a
+    # (B, C) one (a DDPM block's timestep embedding)
+    for shape, groups in GROUP_NORM_SHAPES:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for channels_last in (False, True):
-                x = _rand(shape, dtype, channels_last)
-                w, b = torch.randn(shape[1]), torch.randn(shape[1])
-                # alternate the fused extras so each appears with every tile kind
-                ss = torch.randn(shape[0], 2 * shape[1]).to(dtype) if i % 2 == 0 else None
-                r = _rand(shape, dtype, channels_last) if i % 2 == 1 else None
-                config = dict(op="group_norm_silu", shape=list(shape), groups=groups)
-                config.update(dtype=_name(dtype), channels_last=channels_last)
-                config.update(scale_shift=ss is not None, residual=r is not None)
-                yield Launch(config, GROUP_NORM_SILU, (x, groups, w, b, 1e-5, ss, r))
+                for extra in ("scale_shift", "x-shaped", "per-channel"):
+                    x = _rand(shape, dtype, channels_last)
+                    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+                    ss = r = None
+                    if extra == "scale_shift":
+                        ss = torch.randn(shape[0], 2 * shape[1]).to(dtype)
+                    elif extra == "x-shaped":
+                        r = _rand(shape, dtype, channels_last)
+                    else:
+                        r = torch.randn(shape[:2]).to(dtype)
+                    config = dict(op="group_norm_silu", shape=list(shape), groups=groups)
+                    config.update(dtype=_name(dtype), channels_last=channels_last)
+                    config.update(scale_shift=ss is not None, residual=None if r is None else extra)
+                    yield Launch(config, GROUP_NORM_SILU, (x, groups, w, b, 1e-5, ss, r))
 
 
 LAUNCHES = {
