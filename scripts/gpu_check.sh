@@ -44,6 +44,7 @@ note() { summary+=("$1"); echo "== $1"; }
 finish() {
     printf '%s\n' "${summary[@]}" | tee "$WORK/summary.txt" >"$OUT/summary.txt"
     tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" . 2>/dev/null
+    rm -rf "$WORK"
 }
 trap finish EXIT
 

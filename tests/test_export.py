@@ -1,7 +1,9 @@
 """ONNX export (fastdiff UNets, a diffusers UNet, whole sampler steps), onnxruntime runners and
 the TensorRT pieces that can be checked without TensorRT."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -11,8 +13,10 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript", reason="torch.onnx's dynamo exporter needs onnxscript")
 
-# onnxruntime writes a cache under XDG_CACHE_HOME: keep it out of the user's home
+# onnxruntime writes a cache under XDG_CACHE_HOME: keep it out of the user's home, and remove
+# it when the test process ends
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fastdiff-export-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 import fastdiff  # noqa: E402
 from fastdiff.export import (  # noqa: E402

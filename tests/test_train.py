@@ -193,7 +193,8 @@ def test_ddp_with_two_processes_matches_one(tmp_path):
         "--data", "digits", "--model", json.dumps(TINY), "--batch-size", "8", "--steps", "3",
         "--lr", "1e-3", "--warmup", "1", "--sample-every", "0", "--no-progress", "--device", "cpu",
     ]  # fmt: skip
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--log-dir", str(tmp_path / "torchrun-logs"), "--nproc_per_node"]  # not in /tmp
     for out, launcher in [("ddp", [*torchrun, "2"]), ("one", [sys.executable])]:
         cmd = [*launcher, "-m", "fastdiff", "train", *flags, "--out", str(tmp_path / out)]
         run = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), timeout=300)
