@@ -63,6 +63,7 @@ def environment(probe: Probe) -> dict:
             "cudnn": cudnn,
             "triton": _version("triton"),
             "diffusers": _version("diffusers"),
+            "stable_fast": _version("sfast"),
             "numpy": _version("numpy"),
             "fastdiff": _version("fastdiff"),
             "fastdiff_ext_ops": _ext.build_info()["ops"] if _ext.available() else None,

@@ -19,6 +19,9 @@
 #   test-rest  the other test modules (-m "not gpu", CPU-side code that CI runs too), but for
 #              the CUDA kernels' host emulation (tests/test_cuda_emulation.py, a CPU-side check)
 #   e2e        benchmarks/run.py --only unet sampling
+#   stable-fast  not in `all`: builds stable-fast from the source package in .whl/
+#              (scripts/fetch_gpu_wheels.sh --stable-fast) into the wheels' site, so that a
+#              later e2e also times diffusers+stable-fast: `... gpu_check.sh stable-fast e2e`
 #
 # The phases share one deadline, DEADLINE seconds after the start (default 540, inside the
 # tool's 600 s limit): each runs under `timeout` until then, capped at its own share, and a
@@ -69,8 +72,8 @@ ALL=(build sanitize step test kernels test-rest e2e)
 phases=("$@")
 [ "${phases[*]}" = all ] && phases=("${ALL[@]}")
 for phase in "${phases[@]}"; do
-    case " ${ALL[*]} " in *" $phase "*) ;; *)
-        echo "unknown phase $phase (${ALL[*]}, or all)" >&2
+    case " ${ALL[*]} stable-fast " in *" $phase "*) ;; *)
+        echo "unknown phase $phase (${ALL[*]}, stable-fast, or all)" >&2
         exit 2
         ;;
     esac
@@ -138,6 +141,7 @@ for phase in "${phases[@]}"; do
     kernels) t=$(budget 120) ;;
     test-rest) t=$(budget 150) ;;
     e2e) t=$(budget 600) ;;
+    stable-fast) t=$(budget 300) ;;
     esac
     if [ "$t" = 0 ]; then
         note "$phase: not run (deadline $DEADLINE s reached)"
@@ -173,5 +177,23 @@ for phase in "${phases[@]}"; do
     kernels) bench_phase kernels attention group_norm ;;
     test-rest) pytest_phase test-rest "not gpu" "$t" ;;
     e2e) bench_phase e2e unet sampling ;;
+    stable-fast)
+        sdist=$(compgen -G ".whl/stable-fast-*.tar.gz" | head -1)
+        if [ -z "$sdist" ]; then
+            note "stable-fast: no source package in .whl/ (scripts/fetch_gpu_wheels.sh --stable-fast)"
+            continue
+        fi
+        # its build imports torch (no isolation); cuDNN's headers: torch's nvidia-cudnn wheel, a
+        # namespace package, which stable-fast's own lookup (cudnn.__file__) misses
+        [ -n "${CUDNN_HOME:-}" ] || CUDNN_HOME=$($PY -c "import nvidia.cudnn as c, os
+d = next((p for p in c.__path__ if os.path.exists(p + '/include/cudnn.h')), '')
+print(d)" 2>/dev/null)
+        [ -n "$CUDNN_HOME" ] && export CUDNN_HOME
+        timeout "$t" $PY -m pip install --no-build-isolation --no-deps --no-index --no-cache-dir \
+            --target /tmp/site "$sdist" >"$WORK/stable-fast.log" 2>&1
+        rc=$?
+        export PYTHONPATH=/tmp/site
+        note "stable-fast: rc=$rc in $((SECONDS - start)) s; $($PY -c "import sfast; print('sfast', sfast.__version__)" 2>&1 | tail -1)"
+        ;;
     esac
 done

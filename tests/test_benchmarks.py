@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["step", "group_norm"]
@@ -120,3 +121,43 @@ def test_a_section_that_cannot_set_up_costs_only_itself(tmp_path, monkeypatch):
     sections = json.loads(path.read_text())["sections"]
     assert sections["broken"]["error"] == "RuntimeError: no such device"
     assert sections["broken"]["cases"] == [] and sections["empty"]["complete"] is True
+
+
+def _shared_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from sections import _shared
+
+    return _shared
+
+
+def test_stable_fast_contender_without_stable_fast_is_skipped_with_how_to_get_it(monkeypatch):
+    shared = _shared_module(monkeypatch)
+    from harness import Skip
+
+    monkeypatch.setitem(sys.modules, "sfast.compilers.diffusion_pipeline_compiler", None)
+    with pytest.raises(Skip, match=r"stable-fast is not installed .*benchmarks/README\.md"):
+        shared.stable_fast(torch.nn.Identity(), torch.device("cpu"))
+
+
+def test_stable_fast_contender_computes_diffusers_unet_at_every_timestep(monkeypatch):
+    """The compiled copy takes the timestep as an input (a trace that froze it would give the
+    first step's output at every step) and leaves the shared twin as it was."""
+    pytest.importorskip("sfast.compilers.diffusion_pipeline_compiler")  # an optional peer
+    shared = _shared_module(monkeypatch)
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    twin = shared.diffusers().UNet2DModel(**config).eval()
+    compiled = shared.stable_fast(twin, torch.device("cpu"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for t in (900, 500, 3):
+            want = twin(x, torch.tensor(t), return_dict=False)[0]
+            got = compiled(x, torch.tensor(t), return_dict=False)[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert twin.forward.__func__ is type(twin).forward

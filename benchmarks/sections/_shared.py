@@ -3,8 +3,10 @@ models built once per process."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
+import importlib.util
 
 import torch
 from harness import Skip
@@ -97,6 +99,22 @@ def models(preset: str, device: torch.device, dtype: torch.dtype):
     with torch.device(device):  # initialised where they run (sd-like: 860M parameters)
         twin = getattr(diffusers(), cls)(**config).to(dtype).eval()
         return UNet.from_diffusers(twin).eval(), twin
+
+
+def stable_fast(twin, device: torch.device):
+    """A copy of diffusers' `twin` compiled by stable-fast as its README sets it up for a UNet
+    (TorchScript trace and freeze; on CUDA also its CUDA graphs and, where Triton imports, its
+    Triton kernels), or Skip saying how to get it. Build one per input signature: stable-fast
+    1.0.5 under torch 2.14 segfaults when a compiled module is traced a second time."""
+    try:
+        from sfast.compilers.diffusion_pipeline_compiler import CompilationConfig, compile_unet
+    except ImportError as e:
+        raise Skip(f"stable-fast is not installed ({e}); see benchmarks/README.md") from None
+    config = CompilationConfig.Default()
+    if device.type == "cuda":
+        config.enable_cuda_graph = True
+        config.enable_triton = importlib.util.find_spec("triton") is not None
+    return compile_unet(copy.deepcopy(twin), config)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -15,6 +15,7 @@ from sections._shared import (
     models,
     scheduler,
     shape_name,
+    stable_fast,
     unet_class,
 )
 from sections.unet import CONTEXT_LEN, call_diffusers, forward_flops
@@ -25,6 +26,8 @@ NOTES = (
     "scheduler.step after each UNet call); with guidance both run the cond/uncond pair as one "
     "batch of 2. Presets without a diffusers twin (digits) run fastdiff's UNet inside the "
     "diffusers loop: the ratio is then the sampler loop's alone.",
+    "diffusers+stable-fast: the same loop around diffusers' UNet compiled by stable-fast 1.0.5 "
+    "(as in the unet section), when it is installed.",
     "fastdiff.sample is timed as a user calls it: with cuda_graph=True it captures the step "
     "graph in every call, and that capture is part of its time.",
     "% roofline = the UNet FLOPs of a run at the probed matmul peak of the dtype / time.",
@@ -134,6 +137,8 @@ def _case(ctx, preset, images, sampler, steps, guided, dtype, graphs) -> Case:
                 warmup=2,
             )
         )
+        sfast = lambda: _diffusers_loop(**run, compiled="stable-fast")
+        contenders.append(Contender("diffusers+stable-fast", sfast, True, warmup=2))
     contenders.append(
         Contender("fastdiff", lambda: _fastdiff(**run, graphs=graphs), profile_steps=steps)
     )
@@ -187,9 +192,11 @@ def _diffusers_loop(
     ctx, shape, sampler, steps, dtype, preset="", cond=None, compiled=False, net=None
 ):
     """diffusers' pipeline loop around the twin (or fastdiff's UNet where there is none, or
-    `net`)."""
+    `net`); compiled: True for torch.compile, "stable-fast" for the twin compiled by it."""
     if net is None:
         ours, twin = models(preset, ctx.device, dtype)
+        if compiled == "stable-fast":
+            twin, compiled = stable_fast(twin, ctx.device), False
         if twin is None:
             net = lambda x, t, context=None: ours(x, t)
         else:

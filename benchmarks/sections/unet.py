@@ -8,7 +8,7 @@ import torch
 from harness import Case, Contender, Context, Skip
 
 from fastdiff.ops import use
-from sections._shared import DIFFUSERS_TWINS, diffusers, dtype_name, models, unet_class
+from sections._shared import DIFFUSERS_TWINS, diffusers, dtype_name, models, stable_fast, unet_class
 
 NOTES = (
     "FLOPs per forward counted by torch.utils.flop_counter on the reference path (convolutions, "
@@ -16,6 +16,9 @@ NOTES = (
     "diffusers+fastdiff: diffusers' own model with fastdiff.adapters.diffusers.accelerate() "
     "(fused attention and GroupNorm+SiLU). Presets without a diffusers twin (digits) are "
     "compared with fastdiff's UNet on the reference ops.",
+    "diffusers+stable-fast: diffusers' model compiled by stable-fast 1.0.5 (compile_unet, "
+    "CompilationConfig.Default(); on CUDA with its CUDA graphs and Triton kernels), when it is "
+    "installed (benchmarks/README.md).",
     "fastdiff channels_last: the same UNet with weights and input in channels_last (NHWC) "
     "memory order, which cuDNN's tensor-core (and oneDNN's) convolutions use natively.",
 )
@@ -83,6 +86,8 @@ def _case(ctx, preset, batch, dtype) -> Case:
             contenders.append(
                 Contender("diffusers+compile", lambda: _compiled(ctx, twin(), kw()), True, warmup=3)
             )
+            sfast = lambda: _bind(call_diffusers, stable_fast(twin(), ctx.device), kw())
+            contenders.append(Contender("diffusers+stable-fast", sfast, True, warmup=3))
     else:
         on_reference = lambda: use("reference")
         fn = lambda: _bind(_call, ours(), kw())
