@@ -37,8 +37,10 @@ def _version(module: str) -> str | None:
 def environment(probe: Probe) -> dict:
     """Device, versions, commit and date: a figure without them is not a result. Where the tree
     is no git checkout (a copy of it on another machine), FASTDIFF_COMMIT names the commit; the
-    tree is then not known to be clean ("dirty": None)."""
-    status = _git("status", "--porcelain")
+    tree is then not known to be clean ("dirty": None). "dirty": a change outside
+    benchmarks/results/."""
+    # the results folder is what this writes: files in it do not change what is measured
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     from fastdiff import _ext
 
