@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -153,7 +154,8 @@ def plot(name: str, title: str, section: dict, env: dict, path: Path) -> str:
     ]
     if not bars:
         return "no plot: nothing was timed"
-    heading = f"{name}: {title}\n{env['device']['name']} · {env['date'][:10]}"
+    wrapped = textwrap.fill(f"{name}: {title}", 110)
+    heading = f"{wrapped}\n{env['device']['name']} · {env['date'][:10]}"
     try:
         import matplotlib
     except ImportError:
@@ -161,6 +163,7 @@ def plot(name: str, title: str, section: dict, env: dict, path: Path) -> str:
     if matplotlib is not None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
 
         fig, ax = plt.subplots(figsize=(10, 0.8 + 0.32 * len(bars)))
         labels, ratios = zip(*bars)
@@ -169,13 +172,17 @@ def plot(name: str, title: str, section: dict, env: dict, path: Path) -> str:
         ax.set_yticks(range(len(bars)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        speedup = FuncFormatter(lambda v, _: f"{v:g}x")
+        ax.xaxis.set_major_formatter(speedup)
+        ax.xaxis.set_minor_formatter(speedup)
+        ax.tick_params(axis="x", which="both", labelsize=7)
         ax.axvline(1.0, color="black", linewidth=0.8)
         for i, r in enumerate(ratios):
             ax.text(r, i, f" {r:.3g}x", va="center", fontsize=7)
         ax.set_xlabel("speed-up: baseline time / fastdiff time (log scale)")
         ax.set_title(heading, fontsize=9)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # long case names widen the image
         plt.close(fig)
         return f"wrote {path}"
     try:

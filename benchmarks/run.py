@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for section, module in SECTIONS.items():
         if args.only and section not in args.only:
             continue
-        title = (module.__doc__ or section).strip().splitlines()[0]
+        title = " ".join((module.__doc__ or section).strip().split("\n\n")[0].split())
         ctx.notes = list(getattr(module, "NOTES", ()))
         t0 = time.perf_counter()
         out: dict = {"title": title, "complete": False, "cases": []}

@@ -1,4 +1,5 @@
-"""end to end: fastdiff.sample vs a diffusers scheduler loop (eager, torch.compile), same weights"""
+"""end to end: fastdiff.sample vs a diffusers scheduler loop (eager, torch.compile, stable-fast),
+same weights"""
 
 from __future__ import annotations
 

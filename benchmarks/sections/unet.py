@@ -1,4 +1,5 @@
-"""one UNet forward: fastdiff's UNet vs the same weights in diffusers (eager, torch.compile)"""
+"""one UNet forward: fastdiff's UNet vs the same weights in diffusers (eager, torch.compile,
+stable-fast)"""
 
 from __future__ import annotations
 
