@@ -35,6 +35,16 @@ def _version(module: str) -> str | None:
         return None
 
 
+def stable_fast_version() -> str | None:
+    """stable-fast's version, saying whether it was built with its CUDA ops (its cuBLAS, cuDNN
+    and CUTLASS kernels; a WITH_CUDA=0 build has only its TorchScript passes, CUDA graphs and
+    Triton kernels), or None."""
+    version = _version("sfast")
+    if version is None or not torch.cuda.is_available():
+        return version
+    return version + ("" if hasattr(torch.ops.sfast, "cublas_lowp_addmm") else " (no CUDA ops)")
+
+
 def environment(probe: Probe) -> dict:
     """Device, versions, commit and date: a figure without them is not a result. Where the tree
     is no git checkout (a copy of it on another machine), FASTDIFF_COMMIT names the commit; the
@@ -66,7 +76,7 @@ def environment(probe: Probe) -> dict:
             "cudnn": cudnn,
             "triton": _version("triton"),
             "diffusers": _version("diffusers"),
-            "stable_fast": _version("sfast"),
+            "stable_fast": stable_fast_version(),
             "numpy": _version("numpy"),
             "fastdiff": _version("fastdiff"),
             "fastdiff_ext_ops": _ext.build_info()["ops"] if _ext.available() else None,
