@@ -161,3 +161,31 @@ def test_stable_fast_contender_computes_diffusers_unet_at_every_timestep(monkeyp
             got = compiled(x, torch.tensor(t), return_dict=False)[0]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert twin.forward.__func__ is type(twin).forward
+
+
+def test_stable_fast_scope_keeps_its_triton_patch_inside(monkeypatch):
+    """Importing stable-fast's Triton kernels patches Triton's launchers for the whole process;
+    the contender's scope puts that patch back in place for its own calls only."""
+    pytest.importorskip("triton")
+    shared = _shared_module(monkeypatch)
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", original)  # restored at teardown, whatever happens
+    monkeypatch.setattr(Autotuner, "run", Autotuner.run)
+    monkeypatch.setattr(shared, "_TRITON_PATCHES", {})
+
+    def patched(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    with shared.stable_fast_scope():
+        JITFunction.run = patched  # what `import sfast.triton` does
+    assert JITFunction.run is original
+    with shared.stable_fast_scope():
+        assert JITFunction.run is patched  # stable-fast's kernels still get their launcher
+        with pytest.raises(RuntimeError):
+            with shared.stable_fast_scope():
+                raise RuntimeError("a contender that fails")
+        assert JITFunction.run is patched
+    assert JITFunction.run is original

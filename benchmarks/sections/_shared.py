@@ -3,6 +3,7 @@ models built once per process."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -115,6 +116,36 @@ def stable_fast(twin, device: torch.device):
         config.enable_cuda_graph = True
         config.enable_triton = importlib.util.find_spec("triton") is not None
     return compile_unet(copy.deepcopy(twin), config)
+
+
+_TRITON_PATCHES: dict = {}  # launcher class -> the run method stable-fast patched into it
+
+
+@contextlib.contextmanager
+def stable_fast_scope():
+    """Keeps stable-fast's patch of Triton inside its own contender. Importing its Triton kernels
+    replaces Triton's JITFunction.run and Autotuner.run for the whole process (a wrapper that
+    turns 0-d CPU integer tensors into ints on every launch), which would tax the launches of
+    fastdiff's Triton kernels timed after it. Inside the scope the patched methods are in place
+    (applied by the import the first time, restored from _TRITON_PATCHES later); outside it,
+    Triton's own."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+    except ImportError:  # no Triton: nothing to patch
+        yield
+        return
+    launchers = (JITFunction, Autotuner)
+    originals = [cls.run for cls in launchers]
+    for cls in launchers:
+        cls.run = _TRITON_PATCHES.get(cls, cls.run)
+    try:
+        yield
+    finally:
+        for cls, run in zip(launchers, originals):
+            if cls.run is not run:
+                _TRITON_PATCHES[cls] = cls.run
+            cls.run = run
 
 
 def dtype_name(dtype: torch.dtype) -> str:

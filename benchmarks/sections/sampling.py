@@ -17,6 +17,7 @@ from sections._shared import (
     scheduler,
     shape_name,
     stable_fast,
+    stable_fast_scope,
     unet_class,
 )
 from sections.unet import CONTEXT_LEN, call_diffusers, forward_flops
@@ -139,7 +140,9 @@ def _case(ctx, preset, images, sampler, steps, guided, dtype, graphs) -> Case:
             )
         )
         sfast = lambda: _diffusers_loop(**run, compiled="stable-fast")
-        contenders.append(Contender("diffusers+stable-fast", sfast, True, warmup=2))
+        contenders.append(
+            Contender("diffusers+stable-fast", sfast, True, warmup=2, scope=stable_fast_scope)
+        )
     contenders.append(
         Contender("fastdiff", lambda: _fastdiff(**run, graphs=graphs), profile_steps=steps)
     )

@@ -9,7 +9,15 @@ import torch
 from harness import Case, Contender, Context, Skip
 
 from fastdiff.ops import use
-from sections._shared import DIFFUSERS_TWINS, diffusers, dtype_name, models, stable_fast, unet_class
+from sections._shared import (
+    DIFFUSERS_TWINS,
+    diffusers,
+    dtype_name,
+    models,
+    stable_fast,
+    stable_fast_scope,
+    unet_class,
+)
 
 NOTES = (
     "FLOPs per forward counted by torch.utils.flop_counter on the reference path (convolutions, "
@@ -88,7 +96,9 @@ def _case(ctx, preset, batch, dtype) -> Case:
                 Contender("diffusers+compile", lambda: _compiled(ctx, twin(), kw()), True, warmup=3)
             )
             sfast = lambda: _bind(call_diffusers, stable_fast(twin(), ctx.device), kw())
-            contenders.append(Contender("diffusers+stable-fast", sfast, True, warmup=3))
+            contenders.append(
+                Contender("diffusers+stable-fast", sfast, True, warmup=3, scope=stable_fast_scope)
+            )
     else:
         on_reference = lambda: use("reference")
         fn = lambda: _bind(_call, ours(), kw())
